@@ -1,0 +1,36 @@
+"""Codebook health from code indices: usage, perplexity (DiVeQ Eq. 15), distortion per bit (Eq. 17)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each of ``num_codes`` codes occurs in ``indices`` (any shape), as float64."""
+    return torch.bincount(indices.reshape(-1), minlength=num_codes).double()
+
+
+def entropy(counts: torch.Tensor, base: float = math.e) -> float:
+    """Entropy of the code distribution given by ``counts``; 0 for an empty count."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * p.log()).sum() / math.log(base))
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(H), H = -sum p_k log p_k (DiVeQ Eq. 15)."""
+    return math.exp(entropy(counts))
+
+
+def usage(counts: torch.Tensor) -> float:
+    """Fraction of codes selected at least once."""
+    return float((counts > 0).double().mean())
+
+
+def distortion_per_bit(mse: float, counts: torch.Tensor) -> float:
+    """D / H2 (DiVeQ Eq. 17): mean squared quantisation error per bit of code entropy."""
+    bits = entropy(counts, base=2.0)
+    return float("inf") if bits == 0 else mse / bits

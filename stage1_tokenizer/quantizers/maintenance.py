@@ -1,0 +1,151 @@
+"""Codebook maintenance shared by every variant: k-means init and dead-code replacement.
+
+Policies (METHODS "Codebook maintenance"): ``importance`` (DiVeQ Sec. B.1), ``random-used``
+(NSVQ 2022), ``reservoir`` (Beyond Stationarity code / NSVQ 2026). Usage counters are
+all-reduced, so every rank decides the same dead set; the new codes are drawn on every rank and
+rank 0's quantizer state is then broadcast, so replicas hold one codebook bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .distributed import all_gather_rows, broadcast_, all_reduce_sum
+from .search import nearest_code
+
+POLICIES = ("none", "importance", "random-used", "reservoir")
+DEFAULT_EVERY = {"importance": 100, "random-used": 1000, "reservoir": 1000}
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means on rows of ``x``; centres start at random rows, empty clusters keep their centre."""
+    start = torch.randint(x.shape[0], (k,), generator=generator, device="cpu").to(x.device)
+    centres = x[start].clone()
+    for _ in range(iters):
+        idx, _ = nearest_code(x, centres)
+        counts = torch.bincount(idx, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, idx, x)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+class CodebookMaintenance(nn.Module):
+    """Counts code usage per window of steps and replaces dead codes when a window closes.
+
+    Replacement runs at the start of the next training forward, before the codebook enters the
+    graph, so the in-place write never touches a tensor autograd has saved.
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, policy: str, every: int | None, until: int | None,
+                 dead_threshold: float, noise: float, reservoir_size: int, kmeans_init: bool, kmeans_iters: int):
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"unknown replacement {policy!r}; valid: {', '.join(POLICIES)}")
+        self.policy = policy
+        self.every = every if every is not None else DEFAULT_EVERY.get(policy, 0)
+        if policy != "none" and self.every < 1:
+            raise ValueError(f"replace_every must be >= 1, got {self.every}")
+        self.until = until
+        self.dead_threshold = dead_threshold
+        self.noise = noise
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.num_codes = num_codes
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_selected", torch.zeros(num_codes))
+        self.register_buffer("due", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("replaced_total", torch.zeros((), dtype=torch.long))
+        self.last_replaced = 0
+        if policy == "reservoir":
+            self.register_buffer("reservoir", torch.zeros(reservoir_size, code_dim))
+            self.register_buffer("reservoir_fill", torch.zeros((), dtype=torch.long))
+            self.register_buffer("reservoir_pos", torch.zeros((), dtype=torch.long))
+
+    def needs_latents(self) -> bool:
+        """Whether this step uses the latents themselves (k-means init pending, or a reservoir)."""
+        return self.policy == "reservoir" or not bool(self.initialized)
+
+    @torch.no_grad()
+    def before_step(self, quantizer, z_code: torch.Tensor | None) -> None:
+        """k-means init on the first training batch; pending replacement."""
+        self.last_replaced = 0
+        if not bool(self.initialized):
+            x = all_gather_rows(z_code.detach().float())
+            quantizer._write_codes(torch.arange(self.num_codes, device=x.device), kmeans(x, self.num_codes, self.kmeans_iters))
+            self._broadcast_state(quantizer)
+            self.initialized.fill_(True)
+        if bool(self.due):
+            self._replace(quantizer)
+            self.due.fill_(False)
+
+    @torch.no_grad()
+    def after_step(self, indices: torch.Tensor, z_code: torch.Tensor | None) -> None:
+        """Count which codes this step selected (summed over ranks) and schedule replacement."""
+        hits = all_reduce_sum(torch.bincount(indices.reshape(-1), minlength=self.num_codes).float())
+        self.steps_selected += (hits > 0).float()
+        self.window_steps += 1
+        self.step += 1
+        if self.policy == "reservoir" and z_code is not None:
+            self._push_reservoir(z_code.detach())
+        if self.policy != "none" and int(self.step) % self.every == 0:
+            allowed = self.until is None or int(self.step) < self.until
+            if allowed:
+                self.due.fill_(True)
+            else:
+                self._reset_window()
+
+    def _push_reservoir(self, x: torch.Tensor) -> None:
+        size = self.reservoir.shape[0]
+        if x.shape[0] > size:
+            x = x[torch.randperm(x.shape[0], device=x.device)[:size]]
+        pos = int(self.reservoir_pos)
+        slots = (torch.arange(x.shape[0], device=x.device) + pos) % size
+        self.reservoir[slots] = x.to(self.reservoir.dtype)
+        self.reservoir_pos.fill_((pos + x.shape[0]) % size)
+        self.reservoir_fill.fill_(min(size, int(self.reservoir_fill) + x.shape[0]))
+
+    def dead_codes(self) -> torch.Tensor:
+        """Boolean mask of codes dead in the current window (usage below threshold, or never used)."""
+        u = self.steps_selected / self.window_steps.clamp_min(1)
+        threshold = self.dead_threshold if self.policy == "importance" else 0.0
+        return (u < threshold) | (u == 0)
+
+    def _replace(self, quantizer) -> None:
+        dead = self.dead_codes()
+        live = ~dead
+        n_dead = int(dead.sum())
+        if n_dead and live.any():
+            dst = dead.nonzero().squeeze(1)
+            if self.policy == "reservoir":
+                fill = int(self.reservoir_fill)
+                if fill:
+                    pick = torch.randint(fill, (n_dead,), device=dst.device)
+                    quantizer._write_codes(dst, self.reservoir[pick])
+                else:
+                    n_dead = 0
+            else:
+                live_idx = live.nonzero().squeeze(1)
+                if self.policy == "importance":  # drawn in proportion to usage
+                    src = live_idx[torch.multinomial(self.steps_selected[live_idx], n_dead, replacement=True)]
+                else:  # random-used: shuffled used codes
+                    src = live_idx[torch.randperm(live_idx.numel(), device=dst.device)].repeat(n_dead // live_idx.numel() + 1)[:n_dead]
+                quantizer._copy_codes(dst, src, self.noise)
+            self._broadcast_state(quantizer)
+            self.last_replaced = n_dead
+            self.replaced_total += n_dead
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.steps_selected.zero_()
+        self.window_steps.zero_()
+
+    @staticmethod
+    def _broadcast_state(quantizer) -> None:
+        for t in list(quantizer.parameters()) + list(quantizer.buffers()):
+            broadcast_(t.data)
+
+    def stats(self) -> dict:
+        return {"replaced": self.last_replaced, "replaced_total": int(self.replaced_total)}
