@@ -43,9 +43,9 @@ class CodebookMaintenance(nn.Module):
         if policy not in POLICIES:
             raise ValueError(f"unknown replacement {policy!r}; valid: {', '.join(POLICIES)}")
         self.policy = policy
+        if every is not None and every < 1:
+            raise ValueError(f"replace_every must be >= 1, got {every}")
         self.every = every if every is not None else DEFAULT_EVERY.get(policy, 0)
-        if policy != "none" and self.every < 1:
-            raise ValueError(f"replace_every must be >= 1, got {self.every}")
         self.until = until
         self.dead_threshold = dead_threshold
         self.noise = noise
