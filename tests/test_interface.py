@@ -119,3 +119,17 @@ def test_lookup_rejects_bad_indices():
         q.lookup(torch.full((1, 2, 2), 16, dtype=torch.long))
     with pytest.raises(ValueError, match="long"):
         q.lookup(torch.zeros(1, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq", "diveq"])
+def test_mixed_precision_quantises_in_fp32(name):
+    q = make(name, k=256)
+    z = torch.randn(2, 8, 4, 4)
+    q.eval()
+    ref = q(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(z.bfloat16())
+    assert out.quantized.dtype == torch.float32
+    # the bf16 input rounds z, so compare against the fp32 search on the rounded latents
+    assert torch.equal(out.indices, q(z.bfloat16().float()).indices)
+    assert (out.indices == ref.indices).float().mean() > 0.9

@@ -112,6 +112,10 @@ class Quantizer(nn.Module, abc.ABC):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self._check_input(z)
+        with torch.autocast(z.device.type, enabled=False):  # quantisation runs in fp32 under mixed precision
+            return self._forward(z.float())
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training:

@@ -84,13 +84,15 @@ class CodebookMaintenance(nn.Module):
     @torch.no_grad()
     def after_step(self, indices: torch.Tensor, z_code: torch.Tensor | None) -> None:
         """Count which codes this step selected (summed over ranks) and schedule replacement."""
+        self.step += 1
+        if self.policy == "none":
+            return
         hits = all_reduce_sum(torch.bincount(indices.reshape(-1), minlength=self.num_codes).float())
         self.steps_selected += (hits > 0).float()
         self.window_steps += 1
-        self.step += 1
         if self.policy == "reservoir" and z_code is not None:
             self._push_reservoir(z_code.detach())
-        if self.policy != "none" and int(self.step) % self.every == 0:
+        if int(self.step) % self.every == 0:
             allowed = self.until is None or int(self.step) < self.until
             if allowed:
                 self.due.fill_(True)

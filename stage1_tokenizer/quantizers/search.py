@@ -25,8 +25,8 @@ def nearest_code(
     """Index of and squared distance to the nearest row of ``codebook`` (K, D) for each row of ``z`` (N, D)."""
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"nearest_code needs z (N, D) and codebook (K, D); got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    z = z.detach()
-    codebook = codebook.detach().to(z.dtype)
+    z = z.detach().float()  # distances in fp32 even under autocast: bf16 ties would reorder codes
+    codebook = codebook.detach().float()
     n, k = z.shape[0], codebook.shape[0]
     row_block, code_block = block_sizes(n, k, max_elements)
     code_sq = codebook.pow(2).sum(1)
