@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from stage1_tokenizer.quantizers import build_quantizer
+from stage1_tokenizer.quantizers import QUANTIZERS, build_quantizer
 
 CASES = {  # name -> options: EMA statistics, every replacement policy, k-means init
     "ema": dict(replacement="importance", replace_every=5, kmeans_init=True),
@@ -15,6 +15,7 @@ CASES = {  # name -> options: EMA statistics, every replacement policy, k-means 
     "vq-random-used": dict(replacement="random-used", replace_every=5),
     "vq-reservoir": dict(replacement="reservoir", replace_every=5, reservoir_size=64),
     "rotation-ema": dict(ema=True, replacement="importance", replace_every=5),
+    "sf-diveq": dict(warmup=5, init_batches=3),  # codebook initialised from each rank's own latents
 }
 
 
@@ -24,14 +25,15 @@ def main(out_dir: str) -> None:
     state = {}
     for case, opts in CASES.items():
         torch.manual_seed(0)  # same initial weights on every rank
-        q = build_quantizer(case.split("-")[0], 32, 4, **opts)
+        name = case if case in QUANTIZERS else case.split("-")[0]
+        q = build_quantizer(name, 32, 4, **opts)
         trainable = [p for p in q.parameters() if p.requires_grad]
-        model = DDP(q) if trainable else q
+        model = DDP(q, find_unused_parameters=name.startswith("sf-")) if trainable else q
         opt = torch.optim.SGD(trainable, lr=0.5) if trainable else None
         torch.manual_seed(100 + rank)  # different data and noise per rank
         replaced = 0
         for step in range(23):
-            z = torch.randn(2, 4, 4, 4) * (1 + rank) + step * 0.1
+            z = (torch.randn(2, 4, 4, 4) * (1 + rank) + step * 0.1).requires_grad_()  # like an encoder output
             out = model(z)
             replaced += out.stats["replaced"]
             if opt:
