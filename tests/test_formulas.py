@@ -172,8 +172,9 @@ def double_loop_ns_loss(z, C, tau, lam):
 def test_ns_vq_dense_loss_equals_double_loop(tau):
     z, C = torch.randn(7, 3), torch.randn(5, 3) * 0.5
     idx = brute_nearest(z, C)
+    min_dist = (z - C[idx]).square().sum(1)
     for block in (4, 1 << 20):  # blocked and unblocked agree
-        got = dense_embedding_loss(z, C, idx, tau, 0.05, block)
+        got = dense_embedding_loss(z, C, idx, min_dist, tau, 0.05, block)
         assert got.item() == pytest.approx(double_loop_ns_loss(z, C, tau, 0.05), rel=1e-5)
 
 
@@ -419,3 +420,11 @@ def test_rvq_stage_losses_sum_and_second_stage_sees_the_residual():
     assert out.indices[:, 1].reshape(-1).tolist() == i1.tolist()
     torch.testing.assert_close(flat(out.quantized), C0[i0] + C1[i1])
     torch.testing.assert_close(out.loss, 1.25 * ((zf - C0[i0]).square().mean() + (r - C1[i1]).square().mean()))
+
+
+def test_ns_vq_dense_loss_analytic_backward_passes_gradcheck():
+    """With every weight clamped to 1 the weights are locally constant, so finite differences see sg(w)."""
+    z, C = torch.randn(9, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    idx = brute_nearest(z, C.detach())
+    min_dist = (z - C.detach()[idx]).square().sum(1)
+    assert torch.autograd.gradcheck(lambda c: dense_embedding_loss(z, c, idx, min_dist, 1e3, 10.0, 12), (C,))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Quantizer, straight_through
-from .search import block_sizes
+from .search import block_sizes, nearest_code
 
 
 def ns_vq_tau(epoch: int, tau0: float = 1.0, decay: float = 0.9) -> float:
@@ -19,27 +19,57 @@ def ns_vq_tau(epoch: int, tau0: float = 1.0, decay: float = 0.9) -> float:
     return tau0 * decay ** epoch
 
 
-def dense_embedding_loss(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, tau: float, lam: float,
-                         max_elements: int) -> torch.Tensor:
+class _DenseEmbeddingLoss(torch.autograd.Function):
+    """Eq. 17 in blocks of latents with an analytic backward, so no per-block graph is kept.
+
+    Memory is O(block x K + K x D). Per block, one matmul of augmented matrices gives the shifted
+    logits ``-(||z_i - c_k||^2 - min_k ||z_i - c_k||^2) / tau`` and one more gives every sum the loss
+    and its gradient need: ``W_k = sum_i w_ik``, ``S_k = sum_i w_ik z_i``, ``Q_k = sum_i w_ik ||z_i||^2``.
+    Then ``L = (sum_k Q_k - 2 c_k.S_k + ||c_k||^2 W_k) / (N D)`` and ``dL/dc_k = 2 (c_k W_k - S_k) / (N D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, codebook, z, idx, min_dist, tau, lam, max_elements):
+        n, d = z.shape
+        k = codebook.shape[0]
+        code_sq = codebook.pow(2).sum(1)
+        ones = z.new_ones(n, 1)
+        z_sq = z.pow(2).sum(1, keepdim=True)
+        right = torch.cat([codebook * (2 / tau), -code_sq[:, None] / tau, codebook.new_ones(k, 1)], dim=1)
+        left_all = torch.cat([z, ones, (min_dist[:, None] - z_sq) / tau], dim=1)
+        stats_all = torch.cat([z, ones, z_sq], dim=1)
+        acc = codebook.new_zeros(k, d + 2)
+        rows, _ = block_sizes(n, k, max_elements)
+        for r0 in range(0, n, rows):
+            w = left_all[r0 : r0 + rows] @ right.T  # -(dist - min dist) / tau, <= 0
+            w.exp_()
+            w.mul_(lam * k / w.sum(1, keepdim=True)).clamp_max_(1.0)  # min(1, lam K softmax)
+            w.scatter_(1, idx[r0 : r0 + rows, None], 1.0)  # the winner's weight is 1
+            acc.addmm_(w.T, stats_all[r0 : r0 + rows])  # [S | W | Q]
+        weighted_z, weight_sum, weighted_z_sq = acc[:, :d], acc[:, d], acc[:, d + 1]
+        total = (weighted_z_sq.double().sum() - 2 * (codebook * weighted_z).double().sum()
+                 + (code_sq * weight_sum).double().sum())
+        ctx.save_for_backward(codebook, weight_sum, weighted_z)
+        ctx.scale = 1.0 / (n * d)
+        return (total * ctx.scale).to(codebook.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codebook, weight_sum, weighted_z = ctx.saved_tensors
+        grad_c = grad * 2 * ctx.scale * (codebook * weight_sum[:, None] - weighted_z)
+        return grad_c, None, None, None, None, None, None
+
+
+def dense_embedding_loss(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, min_dist: torch.Tensor,
+                         tau: float, lam: float, max_elements: int) -> torch.Tensor:
     """Eq. 17 as the authors compute it, in blocks of latents so memory stays O(block x K).
 
     ``w_ik = min(1, lam K sg(softmax_k(-||z_i - c_k||^2 / tau)))``, winner weight 1;
-    ``L = (1/N) sum_i sum_k w_ik ||sg(z_i) - c_k||^2 / D``.
+    ``L = (1/N) sum_i sum_k w_ik ||sg(z_i) - c_k||^2 / D``. ``idx``/``min_dist`` come from the
+    shared search. Gradient reaches ``C`` only.
     """
-    n, d = z.shape
-    k = codebook.shape[0]
-    z = z.detach()
-    code_sq = codebook.pow(2).sum(1)
-    rows, _ = block_sizes(n, k, max_elements)
-    total = codebook.new_zeros(())
-    for r0 in range(0, n, rows):
-        zr, ir = z[r0 : r0 + rows], idx[r0 : r0 + rows]
-        dist = (zr.pow(2).sum(1, keepdim=True) + code_sq - 2 * zr @ codebook.T).clamp_min(0)  # (rows, K), grad to C
-        with torch.no_grad():
-            w = (lam * k * torch.softmax(-dist / tau, dim=1)).clamp_max(1.0)
-            w.scatter_(1, ir[:, None], 1.0)
-        total = total + (w * dist).sum()
-    return total / (n * d)
+    z, min_dist = z.detach().to(codebook.dtype), min_dist.to(codebook.dtype)
+    return _DenseEmbeddingLoss.apply(codebook, z, idx, min_dist, float(tau), float(lam), max_elements)
 
 
 class NSVQ(Quantizer):
@@ -67,10 +97,10 @@ class NSVQ(Quantizer):
         return 2.0 / num_latents if self.ste_scale == "paper" else 2.0 / (num_latents * self.dim)
 
     def _train_step(self, z):
-        idx = self.nearest(z, self.codebook)
+        idx, min_dist = nearest_code(z, self.codebook, self.max_search_elements)
         c = self.codebook[idx]
         a = self.ste_coefficient(z.shape[0])
         zq = straight_through(z, c) + (a * c - (a * c).detach())  # Eq. 18
-        loss = dense_embedding_loss(z, self.codebook, idx, self.tau, self.lam, self.max_search_elements)
+        loss = dense_embedding_loss(z, self.codebook, idx, min_dist, self.tau, self.lam, self.max_search_elements)
         loss = loss + self.beta * F.mse_loss(z, c.detach())
         return zq, idx, loss
