@@ -133,3 +133,14 @@ def test_mixed_precision_quantises_in_fp32(name):
     # the bf16 input rounds z, so compare against the fp32 search on the rounded latents
     assert torch.equal(out.indices, q(z.bfloat16().float()).indices)
     assert (out.indices == ref.indices).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["ema", "vq"])
+def test_non_finite_latents_are_refused_and_leave_the_codebook_intact(name):
+    q = make(name)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    z = torch.randn(1, 8, 2, 2)
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        q(z)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())

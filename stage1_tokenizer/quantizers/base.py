@@ -109,6 +109,8 @@ class Quantizer(nn.Module, abc.ABC):
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.dim:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"{type(self).__name__} expects latents of shape (B, {self.dim}, H, W); got {shape}")
+        if not torch.isfinite(z).all():  # before any codebook state (EMA sums, counters) could absorb it
+            raise FloatingPointError(f"{type(self).__name__} got non-finite latents (NaN or inf); codebook left unchanged")
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self._check_input(z)
