@@ -1,0 +1,134 @@
+"""Configs are data: dataclasses built from YAML presets plus ``key=value`` overrides.
+
+An unknown key anywhere is an error that names the key and lists the valid ones, so a typo in a
+preset or on the command line never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys raise."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{name} must be a mapping, got {value!r}")
+            value = from_dict(hint, value, f"{where}{name}.")
+        else:
+            value = _coerce(value, hint, where + name)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a leaf value against its annotation (ints accepted for floats, tuples from lists)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise ValueError(f"config key {key} = {value!r} does not match {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key} must be a list, got {value!r}")
+        return list(value) if origin is list else tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ValueError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def preset_path(name: str) -> Path:
+    """A preset name under ``configs/`` or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)} (or pass a .yaml path)")
+    return candidate
+
+
+def load_yaml(path: Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` entries (values parsed as YAML) on a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type[T], preset: str, overrides: list[str] | None = None) -> T:
+    """Preset YAML (which may name a ``base`` preset it extends) + overrides -> validated dataclass."""
+    data = _resolve(preset_path(preset), set())
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def _resolve(path: Path, seen: set) -> dict:
+    if path in seen:
+        raise ValueError(f"preset {path} extends itself")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_resolve(preset_path(base), seen | {path}), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

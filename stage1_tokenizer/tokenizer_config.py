@@ -1,0 +1,87 @@
+"""The stage-1 config: model, quantizer, losses, schedules, data and training, with paper defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """A diffusers ``VQModel``-shaped encoder/decoder; the quantizer sits between quant_conv and post_quant_conv."""
+
+    in_channels: int = 3
+    resolution: int = 32
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    vq_embed_dim: int = 16
+    norm_num_groups: int = 8
+    act_fn: str = "silu"
+    mid_block_add_attention: bool = False
+
+
+@dataclass
+class QuantizerConfig:
+    name: str = "vq"
+    num_codes: int = 256
+    options: dict = field(default_factory=dict)  # any keyword of build_quantizer for this variant
+
+
+@dataclass
+class LossConfig:
+    mse_weight: float = 1.0
+    lpips_weight: float = 0.0  # LPIPS (VGG) perceptual loss
+    quantizer_weight: float = 1.0
+    disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 disables the discriminator
+    disc_start: int = 0  # step at which the adversarial loss switches on
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None  # defaults to train.lr
+
+
+@dataclass
+class ScheduleConfig:
+    steps_per_epoch: int | None = None  # None: one pass over the data
+    tau0: float = 1.0  # NS-VQ bandwidth at epoch 0, decayed per epoch by the quantizer's tau_decay
+    tau_per_step: bool = False  # decay continuously per step instead of per epoch
+    gumbel_epochs: int | None = None  # temperature anneal length; None: the whole run
+    replacement_phases: list[list[int]] = field(default_factory=list)  # [[until_step, every], ...]; negative until: from the end
+    freeze_encoder_at: int | None = None  # NSVQ 2026 stage 2: encoder + quant_conv frozen from this step
+    unfreeze_encoder_at: int | None = None
+    probe_size: int = 16  # images in the fixed drift probe batch
+    drift_every: int = 10
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # mnist | shapes | a folder of images | hf:<imagefolder dir>
+    num_images: int | None = None  # cap on training images
+    holdout: float = 0.05  # held-out fraction for folders without a split
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    max_steps: int | None = 500
+    epochs: int | None = None  # used when max_steps is None
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    warmup_steps: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    sample_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

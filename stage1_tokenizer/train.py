@@ -1,0 +1,250 @@
+"""Stage-1 training: one accelerate loop for every quantizer, restartable, on one CPU or many GPUs.
+
+    vqgen train-tokenizer --quantizer diveq --preset tiny --data mnist --output-dir runs/t
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import save_config
+from .data import build_dataset, skipped_files
+from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from .model import VQTokenizer
+from .plots import plot_usage, save_recon_grid
+from .runtime import CheckpointManager, EpochSampler, MetricsLog, TrainingDiverged, TrainState
+from .schedules import apply_schedules, encoder_frozen
+from .tokenizer_config import TokenizerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def lpips_loss_fn(net: str = "vgg"):
+    """LPIPS with the offline weights of ``eval`` (a clear error if they are not installed)."""
+    from eval.lpips import load_lpips
+
+    return load_lpips(net)
+
+
+def _total_steps(cfg: TokenizerConfig, batches_per_epoch: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    if cfg.train.epochs is None:
+        raise ValueError("set train.max_steps or train.epochs")
+    return cfg.train.epochs * math.ceil(batches_per_epoch / cfg.train.grad_accum)
+
+
+class TokenizerTrainer:
+    """Owns the accelerator, models, optimisers, data and run directory of one stage-1 run."""
+
+    def __init__(self, cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False):
+        self.cfg, self.out = cfg, Path(output_dir)
+        if self.out.exists() and any(self.out.iterdir()) and not resume and (self.out / "config.yaml").exists():
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --output-dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+        t = cfg.train
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        set_seed(t.seed)
+        m = cfg.model
+        self.dataset = build_dataset(cfg.data.source, m.resolution, m.in_channels, "train", cfg.data.num_images,
+                                     cfg.data.holdout)
+        self.skipped = skipped_files(self.dataset)
+        self.sampler = EpochSampler(len(self.dataset), t.seed)
+        loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=cfg.data.num_workers)
+        if len(loader) == 0:
+            raise ValueError(f"{len(self.dataset)} images is fewer than one batch of {t.batch_size}")
+        self.model = VQTokenizer.from_configs(m, cfg.quantizer)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+        objs = [self.model, self.opt, loader, self.sched]
+        self.disc = None
+        if cfg.loss.disc_weight > 0:
+            self.disc = PatchDiscriminator(m.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.loss.disc_lr or t.lr, betas=(0.5, 0.9))
+            objs += [self.disc, self.disc_opt]
+        prepared = self.acc.prepare(*objs)
+        self.model, self.opt, self.loader, self.sched = prepared[:4]
+        if self.disc is not None:
+            self.disc, self.disc_opt = prepared[4:]
+        self.lpips = lpips_loss_fn().to(self.acc.device) if cfg.loss.lpips_weight > 0 else None
+        self.state = TrainState()
+        self.acc.register_for_checkpointing(self.state)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", t.keep_checkpoints)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(1, self.batches_per_epoch // t.grad_accum)
+        self.total_steps = _total_steps(cfg, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(12345)  # the drift probe: fixed images, independent of the run seed
+        probe_idx = torch.randperm(len(self.dataset), generator=g)[: cfg.schedule.probe_size].tolist()
+        self.probe = torch.stack([self.dataset[i][0] for i in probe_idx]).to(self.acc.device)
+        if resume:
+            self._resume()
+        elif self.acc.is_main_process:
+            save_config(cfg, self.out / "config.yaml")
+
+    @property
+    def unwrapped(self) -> VQTokenizer:
+        return self.acc.unwrap_model(self.model)
+
+    def _resume(self) -> None:
+        latest = self.ckpt.latest()
+        if latest is None:
+            logger.warning("no complete checkpoint in %s; starting from scratch", self.ckpt.root)
+            if self.acc.is_main_process:
+                save_config(self.cfg, self.out / "config.yaml")
+            return
+        self.acc.load_state(str(latest))
+        if self.acc.is_main_process:
+            self.metrics.truncate_after(self.state.step)
+        self.acc.print(f"resumed from {latest} at step {self.state.step}")
+
+    # --- one optimisation step -------------------------------------------------------------
+    def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        cfg = self.cfg.loss
+        recon, q = self.model(x, freeze_encoder=encoder_frozen(step, self.cfg.schedule))
+        rec = F.mse_loss(recon.float(), x.float())
+        logs = {"mse": rec.item(), "q_loss": q.loss.item(), **q.stats}
+        nll = cfg.mse_weight * rec
+        if self.lpips is not None:
+            p = self.lpips(recon.float(), x.float()).mean()
+            nll = nll + cfg.lpips_weight * p
+            logs["lpips"] = p.item()
+        loss = nll + cfg.quantizer_weight * q.loss
+        if self.disc is not None and step >= cfg.disc_start:
+            g = hinge_g_loss(self.disc(recon))
+            last = self.unwrapped.decoder.conv_out.weight
+            w = adaptive_weight(nll, g, last, cfg.disc_weight) if torch.is_grad_enabled() else cfg.disc_weight
+            loss = loss + w * g
+            logs.update(g_loss=g.item(), d_weight=float(w))
+        return loss, logs, recon
+
+    def _check_finite(self, loss: torch.Tensor | None, error: str | None, step: int) -> None:
+        bad = torch.tensor([loss is None or not bool(torch.isfinite(loss))], device=self.acc.device)
+        if bool(self.acc.gather(bad).any()):
+            latest = self.ckpt.latest()
+            raise TrainingDiverged(f"non-finite loss at step {step}{': ' + error if error else ''}; "
+                                   f"stopping. Last good checkpoint: {latest or 'none yet'} (resume with --resume)")
+
+    def _step(self, x: torch.Tensor, step: int) -> dict:
+        with self.acc.accumulate(self.model):
+            error = None
+            try:
+                loss, logs, recon = self._losses(x, step)
+            except FloatingPointError as e:  # non-finite latents from the encoder
+                loss, logs, recon, error = None, {}, None, str(e)
+            self._check_finite(loss, error, step)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients:
+                self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        if self.disc is not None and step >= self.cfg.loss.disc_start:
+            with self.acc.accumulate(self.disc):
+                d = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+                self.acc.backward(d)
+                self.disc_opt.step()
+                self.disc_opt.zero_grad(set_to_none=True)
+            logs["d_loss"] = d.item()
+        logs["loss"] = loss.item()
+        return logs
+
+    # --- side outputs ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _drift(self) -> float | None:
+        """Mean ``||z_t - z_prev||`` per step on the fixed probe batch since the last measurement."""
+        z = self.unwrapped.encode(self.probe).float()
+        prev = self.state.extra.get("probe_latents")
+        self.state.extra["probe_latents"] = z.cpu()
+        if prev is None:
+            return None
+        per_vector = (z.cpu() - prev).norm(dim=1).mean().item()
+        return per_vector / self.cfg.schedule.drift_every
+
+    @torch.no_grad()
+    def _write_samples(self, step: int) -> None:
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        recon, _ = model(self.probe)
+        model.train(was_training)
+        (self.out / "samples").mkdir(exist_ok=True)
+        save_recon_grid(self.probe.cpu(), recon.cpu(), self.out / "samples" / f"recon_step{step:07d}.png")
+        plot_usage(self.metrics.read(), self.out / "usage.png",
+                   f"{self.cfg.quantizer.name}, K={self.cfg.quantizer.num_codes}: codebook usage during training")
+
+    def _epoch_iter(self, step: int):
+        """Batches from the data position of ``step`` on, epoch after epoch."""
+        consumed = step * self.cfg.train.grad_accum
+        epoch, skip = divmod(consumed, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            for batch in loader:
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    def train(self, max_steps: int | None = None) -> Path:
+        total = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        t = self.cfg.train
+        step = self.state.step
+        bar = tqdm(total=total, initial=step, desc=f"tokenizer[{self.cfg.quantizer.name}]",
+                   disable=not self.acc.is_local_main_process)
+        self.model.train()
+        start = time.time()
+        batches = self._epoch_iter(step)
+        while step < total:
+            scheduled = apply_schedules(self.unwrapped.quantize, step, self.total_steps, self.steps_per_epoch,
+                                        self.cfg.schedule)
+            logs = {}
+            for _ in range(t.grad_accum):
+                x, _ = next(batches)
+                logs = self._step(x, step)
+            step += 1
+            self.state.step = step
+            if step % self.cfg.schedule.drift_every == 0:
+                drift = self._drift()
+                if drift is not None:
+                    logs["drift"] = drift
+            if self.acc.is_main_process and (step % t.log_every == 0 or "drift" in logs or step == total):
+                self.metrics.write({"step": step, "epoch": step // self.steps_per_epoch, "lr": self.sched.get_last_lr()[0],
+                                    "frozen_encoder": encoder_frozen(step - 1, self.cfg.schedule),
+                                    **scheduled, **logs})
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{logs['usage']:.2f}")
+            if self.acc.is_main_process and (step % t.sample_every == 0 or step == total):
+                self._write_samples(step)
+            if step % t.checkpoint_every == 0 or step == total:
+                self.ckpt.save(self.acc, step)
+        bar.close()
+        return self._finish(step, time.time() - start)
+
+    def _finish(self, step: int, seconds: float) -> Path:
+        final = self.out / "tokenizer"
+        if self.acc.is_main_process:
+            self.unwrapped.save_pretrained(final, safe_serialization=True)
+            run = {"status": "finished" if step >= self.total_steps else "stopped", "step": step,
+                   "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
+                   "skipped_images": len(self.skipped), "skipped_files": self.skipped[:100],
+                   "world_size": self.acc.num_processes}
+            (self.out / "run.json").write_text(json.dumps(run, indent=2))
+        self.acc.wait_for_everyone()
+        return final
+
+
+def train_tokenizer(cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False,
+                    max_steps: int | None = None) -> Path:
+    """Train (or resume) a tokenizer run; returns the folder of the final safetensors weights."""
+    return TokenizerTrainer(cfg, output_dir, resume=resume).train(max_steps)
