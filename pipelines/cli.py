@@ -24,10 +24,44 @@ def _cmd_demo_quantizers(args) -> int:
     return 0
 
 
+def _cmd_train_tokenizer(args) -> int:
+    from stage1_tokenizer.config import load_config
+    from stage1_tokenizer.runtime import TrainingDiverged
+    from stage1_tokenizer.tokenizer_config import TokenizerConfig
+    from stage1_tokenizer.train import train_tokenizer
+
+    overrides = list(args.overrides)
+    for key, value in (("quantizer.name", args.quantizer), ("data.source", args.data),
+                       ("train.max_steps", args.max_steps), ("train.seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(TokenizerConfig, args.preset, overrides)
+    try:
+        final = train_tokenizer(cfg, args.output_dir, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"vqgen: training stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"tokenizer weights: {final}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqgen", description="Which vector quantizer makes the best image tokenizer?")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("quantizers", help="list the quantizer variants and their options").set_defaults(func=_cmd_quantizers)
+    tt = sub.add_parser("train-tokenizer", help="train a VQ tokenizer with any quantizer variant",
+                        description="Train (or resume) a stage-1 VQ tokenizer. Everything in the preset can be "
+                                    "overridden with key=value, e.g. train.lr=1e-4 quantizer.options.sigma2=1e-2.")
+    tt.add_argument("--quantizer", help=f"variant: {', '.join(QUANTIZERS)} (default: the preset's)")
+    tt.add_argument("--preset", default="tiny", help="preset under configs/ (tiny, mnist, celeba-hq, vqgan-f16, "
+                                                     "nsvq2026) or a .yaml path (default: tiny)")
+    tt.add_argument("--data", help="mnist | shapes | a folder of images | hf:<imagefolder dir> (default: the preset's)")
+    tt.add_argument("--output-dir", required=True, help="run directory: config, checkpoints, metrics, samples, weights")
+    tt.add_argument("--max-steps", type=int, help="total optimisation steps of the run (overrides train.max_steps)")
+    tt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
+    tt.add_argument("--seed", type=int, help="run seed (overrides train.seed)")
+    tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    tt.set_defaults(func=_cmd_train_tokenizer)
     demo = sub.add_parser("demo", help="small demonstrations that run in minutes on a CPU")
     demo_sub = demo.add_subparsers(dest="demo", required=True)
     dq = demo_sub.add_parser("quantizers", help="compare every quantizer on a drifting 2-D stream")
@@ -44,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad user input: one clear line, no traceback
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad user input: one clear line, no traceback
         print(f"vqgen: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,9 +7,19 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import Sampler
 
 COMPLETE = "COMPLETE"
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+    """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, which accelerate runs as gloo DDP only
+    when told ``cpu=True``). Unused parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some."""
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return Accelerator(cpu=no_accelerator, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 class TrainingDiverged(RuntimeError):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -22,7 +21,7 @@ from .data import build_dataset, skipped_files
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
 from .plots import plot_usage, save_recon_grid
-from .runtime import CheckpointManager, EpochSampler, MetricsLog, TrainingDiverged, TrainState
+from .runtime import CheckpointManager, EpochSampler, MetricsLog, TrainingDiverged, TrainState, make_accelerator
 from .schedules import apply_schedules, encoder_frozen
 from .tokenizer_config import TokenizerConfig
 
@@ -51,21 +50,22 @@ class TokenizerTrainer:
         self.cfg, self.out = cfg, Path(output_dir)
         if self.out.exists() and any(self.out.iterdir()) and not resume and (self.out / "config.yaml").exists():
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --output-dir")
-        self.out.mkdir(parents=True, exist_ok=True)
         t = cfg.train
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.acc = make_accelerator(t.mixed_precision, t.grad_accum)
         set_seed(t.seed)
         m = cfg.model
         self.dataset = build_dataset(cfg.data.source, m.resolution, m.in_channels, "train", cfg.data.num_images,
                                      cfg.data.holdout)
         self.skipped = skipped_files(self.dataset)
         self.sampler = EpochSampler(len(self.dataset), t.seed)
+        # the loader's own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run (which creates one mid-epoch) would see different quantizer noise than an uninterrupted one
         loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed))
         if len(loader) == 0:
             raise ValueError(f"{len(self.dataset)} images is fewer than one batch of {t.batch_size}")
         self.model = VQTokenizer.from_configs(m, cfg.quantizer)
+        self.out.mkdir(parents=True, exist_ok=True)  # only once config, data and quantizer are known to be valid
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
         objs = [self.model, self.opt, loader, self.sched]
@@ -190,8 +190,9 @@ class TokenizerTrainer:
         consumed = step * self.cfg.train.grad_accum
         epoch, skip = divmod(consumed, self.batches_per_epoch)
         while True:
-            self.sampler.set_epoch(epoch)
             loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            loader.set_epoch(epoch)  # accelerate's loaders own the epoch counter that reaches the sampler
+            self.sampler.set_epoch(epoch)
             for batch in loader:
                 yield batch
             epoch, skip = epoch + 1, 0

@@ -1,0 +1,167 @@
+"""Stage-1 training: every variant learns, runs resume exactly, schedules act, bad input is refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from stage1_tokenizer.config import load_config
+from stage1_tokenizer.model import VQTokenizer
+from stage1_tokenizer.quantizers import QUANTIZERS
+from stage1_tokenizer.runtime import MetricsLog, TrainingDiverged
+from stage1_tokenizer.tokenizer_config import TokenizerConfig
+from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
+
+from stage1_helpers import SMALL, small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_every_variant_trains_and_the_loss_falls(name, tmp_path):
+    extra = ["quantizer.options={warmup: 5}"] if name.startswith("sf-") else []
+    cfg = small_config(f"quantizer.name={name}", "train.max_steps=30", "train.checkpoint_every=1000", *extra)
+    final = train_tokenizer(cfg, tmp_path)
+    mse = [r["mse"] for r in MetricsLog(tmp_path / "metrics.jsonl").read()]
+    assert len(mse) == 30
+    assert sum(mse[-5:]) / 5 < 0.7 * sum(mse[:5]) / 5, f"{name}: reconstruction did not improve: {mse}"
+    model = VQTokenizer.from_pretrained(final)
+    assert model.config.quantizer == name
+    for name_out in ("config.yaml", "run.json", "usage.png", "samples"):
+        assert (tmp_path / name_out).exists()
+
+
+def _final_weights(run: Path) -> dict:
+    return load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", "train-tokenizer", "--quantizer", "diveq", "--output-dir", str(out),
+            "--max-steps", "40", *SMALL, "train.checkpoint_every=5", *extra]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight), env=env, check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "step-00000010" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (killed / "tokenizer").exists(), "the run must be killed mid-way"
+    resumed = subprocess.run(_cli(killed, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{k} differs after resume")
+    steps = [r["step"] for r in MetricsLog(killed / "metrics.jsonl").read()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicated steps after the restart
+
+
+def test_two_process_training_keeps_replicas_identical(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_train_worker.py"), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs across ranks"
+    assert int(r0["quantize.maintenance.replaced_total"]) > 0  # replacement ran, and stayed in sync
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
+
+
+def test_nsvq2026_schedule_freezes_the_encoder_then_turns_on_the_discriminator(tmp_path):
+    cfg = small_config("quantizer.name=ns-vq", "quantizer.options={replacement: reservoir, replace_every: 4}",
+                       "schedule.freeze_encoder_at=6", "loss.disc_weight=0.5", "loss.disc_start=10",
+                       "loss.disc_channels=8", "loss.disc_layers=2", "train.max_steps=14",
+                       "train.checkpoint_every=1000", "schedule.drift_every=2")
+    trainer = TokenizerTrainer(cfg, tmp_path)
+    trainer.train(max_steps=6)
+    frozen = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    codebook = trainer.unwrapped.quantize.codebook.detach().clone()
+    trainer.train()
+    after = trainer.unwrapped.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen), "encoder moved while frozen"
+    assert not torch.equal(codebook, trainer.unwrapped.quantize.codebook), "the codebook must keep training"
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert [r["frozen_encoder"] for r in rows] == [False] * 6 + [True] * 8
+    assert all("g_loss" in r for r in rows if r["step"] > 10) and not any("g_loss" in r for r in rows if r["step"] <= 10)
+    drift = {r["step"]: r["drift"] for r in rows if "drift" in r}
+    assert drift[4] > 0 and drift[8] == 0 and drift[12] == 0  # no encoder drift once frozen
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = small_config("train.max_steps=10", "train.checkpoint_every=2")
+    trainer = TokenizerTrainer(cfg, tmp_path)
+    real_encode = VQTokenizer.encode
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        z = real_encode(self, x)
+        return z * float("nan") if calls["n"] > 5 else z
+
+    monkeypatch.setattr(VQTokenizer, "encode", poisoned)
+    with pytest.raises(TrainingDiverged, match="step-00000004"):
+        trainer.train()
+    latest = trainer.ckpt.latest()
+    assert latest.name == "step-00000004" and (latest / "COMPLETE").exists()
+
+
+def test_unknown_preset_key_names_the_key():
+    with pytest.raises(ValueError, match="train.lrr"):
+        load_config(TokenizerConfig, "tiny", ["train.lrr=0.1"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(TokenizerConfig, "tinyy")
+
+
+def test_unknown_quantizer_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        TokenizerTrainer(small_config("quantizer.name=vqq"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_folder_is_an_error_before_training(tmp_path):
+    (tmp_path / "imgs" / "nested").mkdir(parents=True)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images found"):
+        TokenizerTrainer(small_config(f"data.source={tmp_path / 'imgs'}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_images_are_skipped_named_and_counted(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    (folder / "a" / "b").mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (20, 24), (i * 5, 100, 200 - i * 4)).save(folder / ("a" if i % 2 else "a/b") / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    cfg = small_config(f"data.source={folder}", "data.holdout=0", "data.num_images=null", "train.max_steps=2",
+                       "train.checkpoint_every=1000")
+    with caplog.at_level("WARNING"):
+        train_tokenizer(cfg, tmp_path / "run")
+    assert "broken.png" in caplog.text
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["skipped_images"] == 1 and run["skipped_files"][0].endswith("broken.png")
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    cfg = small_config("train.max_steps=1", "train.checkpoint_every=1000")
+    train_tokenizer(cfg, tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_tokenizer(cfg, tmp_path)
