@@ -42,3 +42,28 @@ def plot_usage(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_drift(records: list[dict], path: Path, title: str) -> None:
+    """Encoder drift per step on the fixed probe batch, with frozen-encoder steps shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "drift" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in rows], [r["drift"] for r in rows], color="tab:purple")
+    frozen = [r["step"] for r in records if r.get("frozen_encoder")]
+    if frozen:
+        ax.axvspan(min(frozen), max(frozen), color="tab:blue", alpha=0.1, label="encoder frozen")
+        ax.legend()
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean ||z_t - z_prev|| per step")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -20,7 +20,7 @@ from .config import save_config
 from .data import build_dataset, skipped_files
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
-from .plots import plot_usage, save_recon_grid
+from .plots import plot_drift, plot_usage, save_recon_grid
 from .runtime import CheckpointManager, EpochSampler, MetricsLog, TrainingDiverged, TrainState, make_accelerator
 from .schedules import apply_schedules, encoder_frozen
 from .tokenizer_config import TokenizerConfig
@@ -182,8 +182,10 @@ class TokenizerTrainer:
         model.train(was_training)
         (self.out / "samples").mkdir(exist_ok=True)
         save_recon_grid(self.probe.cpu(), recon.cpu(), self.out / "samples" / f"recon_step{step:07d}.png")
-        plot_usage(self.metrics.read(), self.out / "usage.png",
-                   f"{self.cfg.quantizer.name}, K={self.cfg.quantizer.num_codes}: codebook usage during training")
+        records = self.metrics.read()
+        name = f"{self.cfg.quantizer.name}, K={self.cfg.quantizer.num_codes}"
+        plot_usage(records, self.out / "usage.png", f"{name}: codebook usage during training")
+        plot_drift(records, self.out / "drift.png", f"{name}: encoder drift on a fixed probe batch")
 
     def _epoch_iter(self, step: int):
         """Batches from the data position of ``step`` on, epoch after epoch."""
