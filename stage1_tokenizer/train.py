@@ -28,11 +28,12 @@ from .tokenizer_config import TokenizerConfig
 logger = logging.getLogger(__name__)
 
 
-def lpips_loss_fn(net: str = "vgg"):
-    """LPIPS with the offline weights of ``eval`` (a clear error if they are not installed)."""
-    from eval.lpips import load_lpips
+def lpips_loss_fn(device, net: str = "vgg"):
+    """LPIPS on [-1, 1] images (grey repeated to RGB), with the offline weights of ``eval`` (clear error if absent)."""
+    from eval.lpips_offline import load_lpips
 
-    return load_lpips(net)
+    model = load_lpips(net, str(device))
+    return lambda a, b: model(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1))
 
 
 def _total_steps(cfg: TokenizerConfig, batches_per_epoch: int) -> int:
@@ -78,7 +79,7 @@ class TokenizerTrainer:
         self.model, self.opt, self.loader, self.sched = prepared[:4]
         if self.disc is not None:
             self.disc, self.disc_opt = prepared[4:]
-        self.lpips = lpips_loss_fn().to(self.acc.device) if cfg.loss.lpips_weight > 0 else None
+        self.lpips = lpips_loss_fn(self.acc.device) if cfg.loss.lpips_weight > 0 else None
         self.state = TrainState()
         self.acc.register_for_checkpointing(self.state)
         self.ckpt = CheckpointManager(self.out / "checkpoints", t.keep_checkpoints)

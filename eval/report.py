@@ -1,0 +1,197 @@
+"""Turn run directories into ``report.md`` + ``results.json`` + PNG plots.
+
+Reads only files a run leaves behind (``config.yaml``, ``metrics.jsonl``, ``eval.json``,
+``samples/*.png``), so it depends on nothing else of ours. Runs of the same quantizer (e.g. seeds)
+are grouped and reported as mean and standard deviation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+
+METRICS = [  # key in eval.json, column title, direction
+    ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
+    ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
+    ("perplexity", "perplexity", "higher"), ("d_per_bit", "distortion/bit", "lower"),
+]
+
+
+def read_run(run: Path) -> dict:
+    """Everything the report needs from one run directory."""
+    run = Path(run)
+    cfg_file = run / "config.yaml"
+    if not cfg_file.exists():
+        raise ValueError(f"{run} is not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    metrics = run / "metrics.jsonl"
+    curves = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
+    q = cfg.get("quantizer", {})
+    return {"dir": str(run), "quantizer": q.get("name", "?"), "num_codes": q.get("num_codes"),
+            "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation,
+            "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
+            "last_sample": str(samples[-1]) if samples else None}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{group: {metric: {mean, std, n}}} with group ``quantizer`` (``quantizer K=...`` when sizes differ)."""
+    sizes = {r["num_codes"] for r in runs}
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        key = r["quantizer"] if len(sizes) == 1 else f"{r['quantizer']} K={r['num_codes']}"
+        groups.setdefault(key, []).append(r)
+    out = {}
+    for key, members in groups.items():
+        entry = {"runs": [m["dir"] for m in members], "num_codes": members[0]["num_codes"]}
+        for metric, _, _ in METRICS:
+            vals = [m["eval"].get(metric) for m in members if metric in m["eval"]]
+            if vals:
+                mu, sd = mean_std(vals)
+                entry[metric] = {"mean": mu, "std": sd, "n": len(vals)}
+        out[key] = entry
+    return out
+
+
+def _fmt(cell: dict | None) -> str:
+    if not cell or math.isnan(cell["mean"]):
+        return "-"
+    mu, sd = cell["mean"], cell["std"]
+    digits = 2 if abs(mu) >= 10 else 4
+    return f"{mu:.{digits}f} ± {sd:.{digits}f}" if cell["n"] > 1 else f"{mu:.{digits}f}"
+
+
+def table(summary: dict) -> str:
+    cols = [m for m in METRICS if any(m[0] in e for e in summary.values())]
+    head = "| quantizer | runs | " + " | ".join(f"{title} ({'↓' if d == 'lower' else '↑'})" for _, title, d in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for key, e in summary.items():
+        lines.append(f"| {key} | {len(e['runs'])} | " + " | ".join(_fmt(e.get(k)) for k, _, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def _plot_curves(runs: list[dict], key: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(r, [c for c in r["curves"] if key in c]) for r in runs]
+    series = [(r, pts) for r, pts in series if pts]
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for r, pts in series:
+        label = r["quantizer"] + (f" s{r['seed']}" if r["seed"] is not None and len(runs) > len({x['quantizer'] for x in runs}) else "")
+        ax.plot([p["step"] for p in pts], [scale * p[key] for p in pts], label=label, lw=1.1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_bars(summary: dict, metric: str, title: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, e in summary.items() if metric in e]
+    if not keys:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(keys) + 2), 3.8))
+    means = [summary[k][metric]["mean"] for k in keys]
+    stds = [summary[k][metric]["std"] for k in keys]
+    ax.bar(range(len(keys)), means, yerr=stds, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(keys)), keys, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} per quantizer (error bars: std over runs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_histograms(runs: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_counts = [r for r in runs if r["eval"].get("code_counts")]
+    if not with_counts:
+        return False
+    cols = min(4, len(with_counts))
+    rows = math.ceil(len(with_counts) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, with_counts):
+        counts = sorted(r["eval"]["code_counts"], reverse=True)
+        total = sum(counts) or 1
+        ax.bar(range(len(counts)), [c / total for c in counts], width=1.0, color="tab:green")
+        ax.set_yscale("log")
+        ax.set_title(f"{r['quantizer']} (usage {r['eval'].get('usage', float('nan')):.0%})", fontsize=9)
+        ax.set_xlabel("code rank")
+        ax.set_ylabel("frequency")
+    for ax in list(axes.flat)[len(with_counts):]:
+        ax.axis("off")
+    fig.suptitle("Code frequencies on the evaluation set, sorted")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Tokenizer comparison") -> dict:
+    """Write report.md, results.json and plots for ``run_dirs`` into ``out_dir``; returns the summary."""
+    if not run_dirs:
+        raise ValueError("no run directories given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [read_run(Path(d)) for d in run_dirs]
+    summary = summarise(runs)
+    plots = []
+    for name, key, ylabel, scale in (("usage_curves.png", "usage", "codes used in batch (%)", 100.0),
+                                     ("perplexity_curves.png", "perplexity", "batch perplexity", 1.0),
+                                     ("loss_curves.png", "loss", "training loss", 1.0),
+                                     ("drift_curves.png", "drift", "encoder drift per step", 1.0)):
+        if _plot_curves(runs, key, ylabel, f"{ylabel} during training", out / name, scale):
+            plots.append(name)
+    for metric, label in (("rfid", "rFID"), ("usage", "codebook usage"), ("lpips_vgg", "LPIPS (VGG)")):
+        if _plot_bars(summary, metric, label, out / f"{metric}_per_quantizer.png"):
+            plots.append(f"{metric}_per_quantizer.png")
+    if _plot_histograms(runs, out / "code_frequencies.png"):
+        plots.append("code_frequencies.png")
+    grids = []
+    (out / "grids").mkdir(exist_ok=True)
+    for r in runs:
+        src = r["eval_grid"] or r["last_sample"]
+        if src:
+            dst = out / "grids" / f"{Path(r['dir']).name}.png"
+            shutil.copyfile(src, dst)
+            grids.append((r["quantizer"], dst.relative_to(out)))
+    text = [f"# {title}", "", f"{len(runs)} run(s). Mean ± std over runs of the same quantizer.", "",
+            table(summary), ""]
+    text += [f"![{p}]({p})" for p in plots]
+    if grids:
+        text += ["", "## Reconstructions (top: original, below: reconstruction)", ""]
+        text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in grids]
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
