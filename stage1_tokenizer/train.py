@@ -154,7 +154,10 @@ class TokenizerTrainer:
             self.opt.zero_grad(set_to_none=True)
         if self.disc is not None and step >= self.cfg.loss.disc_start:
             with self.acc.accumulate(self.disc):
-                d = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+                self.disc_opt.zero_grad(set_to_none=True)  # drop what the generator's backward left in D
+                # real and fake in one forward: DDP expects one forward per backward
+                real, fake = self.disc(torch.cat([x, recon.detach()])).chunk(2)
+                d = hinge_d_loss(real, fake)
                 self.acc.backward(d)
                 self.disc_opt.step()
                 self.disc_opt.zero_grad(set_to_none=True)

@@ -56,6 +56,7 @@ def sets(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # clean-fid's sqrtm of a rank-deficient product
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")  # clean-fid's sqrtm call
 def test_folder_fid_equals_clean_fid(sets):
     ours = fid_from_features(sets["fa"], sets["fb"])
     theirs = cleanfid.compute_fid(sets["dir_a"], sets["dir_b"], mode="clean", batch_size=N, num_workers=0,
