@@ -25,9 +25,9 @@ from .images import check_images, to_rgb
 from .inception import load_inception
 
 # Defaults from benchmarks/results/fid_features.md (2-core CPU): batch 64 is fastest at torch's default thread count
-# and within 2% of the best at 1 thread. One thread won overall only because another process loaded both cores;
-# pinned, it would forgo the idle cores of any other machine (uncontended here: 0.09 s per image with 2 threads,
-# 0.18 s with 1), so torch keeps its setting.
+# and within a few % of the best at 1 thread. One thread won overall only because another process loaded both cores;
+# pinned, it would forgo the idle cores of any other machine (in a quiet moment here: 0.09 s per image with 2
+# threads, 0.18 s with 1), so torch keeps its setting.
 # Decoding + resizing is ~2 ms of the ~200 ms an image costs on a CPU, so it stays in the main thread.
 BATCH_SIZE = 64
 NUM_WORKERS = 0
