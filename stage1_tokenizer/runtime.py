@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import Sampler
 
@@ -18,6 +19,9 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accele
     """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, which accelerate runs as gloo DDP only
     when told ``cpu=True``). Unused parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some."""
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    # one process may train several models in turn (a sweep) with different precision: accelerate keeps its
+    # settings in a process-wide singleton, so clear them (the process group, in PartialState, is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=no_accelerator, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 

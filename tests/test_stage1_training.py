@@ -1,5 +1,6 @@
 """Stage-1 training: every variant learns, runs resume exactly, schedules act, bad input is refused."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -165,3 +166,23 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     train_tokenizer(cfg, tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         train_tokenizer(cfg, tmp_path)
+
+
+def test_hf_imagefolder_source(tmp_path):
+    folder = tmp_path / "hf" / "train"
+    folder.mkdir(parents=True)
+    for i in range(20):
+        Image.new("RGB", (24, 24), (10 * i, 50, 100)).save(folder / f"{i}.png")
+    from stage1_tokenizer.data import build_dataset
+
+    ds = build_dataset(f"hf:{tmp_path / 'hf'}", 16, 3)
+    x, label = ds[3]
+    assert len(ds) == 20 and x.shape == (3, 16, 16) and -1 <= x.min() <= x.max() <= 1
+
+
+@pytest.mark.parametrize("extra", [["train.grad_accum=2"], ["train.mixed_precision=bf16"]])
+def test_gradient_accumulation_and_mixed_precision_train(extra, tmp_path):
+    cfg = small_config("train.max_steps=3", "train.checkpoint_every=1000", *extra)
+    train_tokenizer(cfg, tmp_path)
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
