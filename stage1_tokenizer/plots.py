@@ -35,7 +35,8 @@ def plot_usage(records: list[dict], path: Path, title: str) -> None:
     ax2 = ax1.twinx()
     ax2.plot(steps, [r["perplexity"] for r in rows], color="tab:orange", label="perplexity")
     ax2.set_ylabel("batch perplexity (codes)", color="tab:orange")
-    replaced = [r["step"] for r in rows if r.get("replaced", 0) > 0]
+    totals = [r.get("replaced_total", 0) for r in rows]  # logged every few steps: mark where the total grew
+    replaced = [r["step"] for r, before, after in zip(rows[1:], totals, totals[1:]) if after > before]
     for s in replaced:
         ax1.axvline(s, color="0.8", lw=0.6, zorder=0)
     ax1.set_title(title + (" (grey lines: code replacements)" if replaced else ""), fontsize=10)
