@@ -23,3 +23,19 @@ def unflat(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def torchrun_two_ranks(worker: str, out_dir) -> tuple[dict, dict]:
+    """Run ``tests/<worker>`` under ``torchrun --nproc_per_node 2`` (gloo on CPU); return both ranks' saved states."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / worker), str(out_dir)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tuple(torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in (0, 1))

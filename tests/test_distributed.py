@@ -1,24 +1,12 @@
 """Two CPU processes (torchrun, gloo): EMA, k-means, SF-DiVeQ init and every replacement policy keep codebooks bit-identical."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
+from conftest import torchrun_two_ranks
 from dist_worker import CASES
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def test_two_ranks_hold_bit_identical_codebooks(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = torchrun_two_ranks("dist_worker.py", tmp_path)
     for case in CASES:
         assert r0[case].keys() == r1[case].keys()
         for key in r0[case]:

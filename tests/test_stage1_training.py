@@ -20,6 +20,7 @@ from stage1_tokenizer.runtime import MetricsLog, TrainingDiverged
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 
+from conftest import torchrun_two_ranks
 from stage1_helpers import SMALL, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +74,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_two_process_training_keeps_replicas_identical(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_train_worker.py"), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = torchrun_two_ranks("dist_train_worker.py", tmp_path)
     assert r0.keys() == r1.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs across ranks"
