@@ -1,7 +1,8 @@
 """Against vector-quantize-pytorch where the semantics coincide: same weights and inputs, same numbers.
 
-Known difference, documented: vector-quantize-pytorch's ``VectorQuantize`` with EMA reports its
-commitment loss per codebook head as a (1,)-shaped tensor; ours is a scalar. Values agree.
+Settings that make them coincide: ``VectorQuantize(rotation_trick=False, kmeans_init=False,
+threshold_ema_dead_code=0, commitment_weight=beta)`` (its defaults use the rotation trick and
+decay 0.8) and ``SimVQ(rotation_trick=False, channel_first=True)``; with those, no difference remains.
 """
 import pytest
 import torch
@@ -46,9 +47,9 @@ def test_ema_matches_reference_over_several_steps():
         q_ref, idx_ref, loss_ref = ref(z_ref)
         assert out.indices.reshape(-1).tolist() == idx_ref.reshape(-1).tolist()
         torch.testing.assert_close(flat(out.quantized), q_ref.reshape(-1, D))
-        torch.testing.assert_close(out.loss, loss_ref.reshape(()))
+        torch.testing.assert_close(out.loss, loss_ref)
         ((out.quantized * g).sum() + out.loss).backward()
-        ((q_ref * flat(g).reshape(2, 16, D)).sum() + loss_ref.sum()).backward()
+        ((q_ref * flat(g).reshape(2, 16, D)).sum() + loss_ref).backward()
         torch.testing.assert_close(flat(z.grad), z_ref.grad.reshape(-1, D))
         torch.testing.assert_close(ours.codebook, ref._codebook.embed[0])
         torch.testing.assert_close(ours.cluster_size, ref._codebook.cluster_size[0])
