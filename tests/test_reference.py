@@ -4,16 +4,15 @@ Settings that make them coincide: ``VectorQuantize(rotation_trick=False, kmeans_
 threshold_ema_dead_code=0, commitment_weight=beta)`` (its defaults use the rotation trick and
 decay 0.8) and ``SimVQ(rotation_trick=False, channel_first=True)``; with those, no difference remains.
 """
-import pytest
 import torch
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
-from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to as ref_rotate_to  # noqa: E402
+import vector_quantize_pytorch as vqp  # the test extra pins it
+from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to as ref_rotate_to
 
-from stage1_tokenizer.quantizers import build_quantizer  # noqa: E402
-from stage1_tokenizer.quantizers.rotation import rotate_to  # noqa: E402
+from stage1_tokenizer.quantizers import build_quantizer
+from stage1_tokenizer.quantizers.rotation import rotate_to
 
-from conftest import flat  # noqa: E402
+from conftest import flat
 
 D, K = 6, 32
 
