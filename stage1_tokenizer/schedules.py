@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from .quantizers import ResidualVQ
-from .quantizers.gumbel import GumbelVQ, gumbel_temperature
-from .quantizers.ns_vq import NSVQ, ns_vq_tau
+from .quantizers.gumbel import GumbelVQ
+from .quantizers.ns_vq import NSVQ
 
 
 def base_quantizers(q: nn.Module) -> list[nn.Module]:
@@ -35,11 +35,10 @@ def apply_schedules(q: nn.Module, step: int, total_steps: int, steps_per_epoch: 
     every, until = replacement_cadence(step, total_steps, sched.replacement_phases)
     for base in base_quantizers(q):
         if isinstance(base, NSVQ):
-            base.tau = ns_vq_tau(epoch, sched.tau0, base.tau_decay)
+            base.set_epoch(epoch, sched.tau0)
             logged["tau"] = base.tau
         if isinstance(base, GumbelVQ):
-            total_epochs = sched.gumbel_epochs or max(1, total_steps // steps_per_epoch)
-            base.temperature = gumbel_temperature(step // steps_per_epoch, total_epochs)
+            base.set_epoch(step // steps_per_epoch, sched.gumbel_epochs or max(1, total_steps // steps_per_epoch))
             logged["temperature"] = base.temperature
         if every is not None and base.maintenance.policy != "none":
             base.maintenance.every, base.maintenance.until = every, until

@@ -104,7 +104,7 @@ def run_variant(name: str, cfg: ToyConfig) -> dict:
                       "loss": loss.item()})
         if step % cfg.record_every == 0 or step == cfg.steps - 1:
             with torch.no_grad():
-                trajectory.append(_codes_2d(q).tolist() if _codes_2d(q).shape[1] == 2 else [])
+                trajectory.append(_codes_2d(q).tolist())
     q.eval()
     with torch.no_grad():
         x = base_points(8192, gen) + stream.theta
@@ -134,9 +134,8 @@ def plot(results: dict, out_dir: Path) -> None:
         r = results[name]
         lat = torch.tensor(r["final"]["latents"])
         ax.scatter(lat[:, 0], lat[:, 1], s=2, c="0.75", label="final latents")
-        traj = [t for t in r["trajectory"] if t]
-        if traj:
-            path = torch.tensor(traj)  # (T, K, 2)
+        if r["trajectory"]:
+            path = torch.tensor(r["trajectory"])  # (T, K, 2)
             for k in range(path.shape[1]):
                 ax.plot(path[:, k, 0], path[:, k, 1], lw=0.7, alpha=0.6)
             ax.scatter(path[-1, :, 0], path[-1, :, 1], s=14, c="red", marker="x", label="final codes")
