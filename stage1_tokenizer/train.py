@@ -5,27 +5,18 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .config import save_config
 from .data import build_dataset, skipped_files
+from .loop import TrainLoop
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
 from .plots import plot_drift, plot_usage, save_recon_grid
-from .runtime import CheckpointManager, EpochSampler, MetricsLog, TrainingDiverged, TrainState, make_accelerator
 from .schedules import apply_schedules, encoder_frozen
 from .tokenizer_config import TokenizerConfig
-
-logger = logging.getLogger(__name__)
 
 
 def lpips_loss_fn(device, net: str = "vgg"):
@@ -36,35 +27,17 @@ def lpips_loss_fn(device, net: str = "vgg"):
     return lambda a, b: model(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1))
 
 
-def _total_steps(cfg: TokenizerConfig, batches_per_epoch: int) -> int:
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    if cfg.train.epochs is None:
-        raise ValueError("set train.max_steps or train.epochs")
-    return cfg.train.epochs * math.ceil(batches_per_epoch / cfg.train.grad_accum)
-
-
-class TokenizerTrainer:
-    """Owns the accelerator, models, optimisers, data and run directory of one stage-1 run."""
+class TokenizerTrainer(TrainLoop):
+    """Owns the models, optimisers and data of one stage-1 run; the loop itself is :class:`TrainLoop`."""
 
     def __init__(self, cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False):
-        self.cfg, self.out = cfg, Path(output_dir)
-        if self.out.exists() and any(self.out.iterdir()) and not resume and (self.out / "config.yaml").exists():
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --output-dir")
-        t = cfg.train
-        self.acc = make_accelerator(t.mixed_precision, t.grad_accum)
-        set_seed(t.seed)
-        m = cfg.model
+        super().__init__(cfg, output_dir, resume)
+        self.desc = f"tokenizer[{cfg.quantizer.name}]"
+        t, m = cfg.train, cfg.model
         self.dataset = build_dataset(cfg.data.source, m.resolution, m.in_channels, "train", cfg.data.num_images,
                                      cfg.data.holdout)
         self.skipped = skipped_files(self.dataset)
-        self.sampler = EpochSampler(len(self.dataset), t.seed)
-        # the loader's own generator: creating an iterator must not draw from the global RNG, or a resumed
-        # run (which creates one mid-epoch) would see different quantizer noise than an uninterrupted one
-        loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed))
-        if len(loader) == 0:
-            raise ValueError(f"{len(self.dataset)} images is fewer than one batch of {t.batch_size}")
+        loader = self._loader(self.dataset, cfg.data.num_workers)
         self.model = VQTokenizer.from_configs(m, cfg.quantizer)
         self.out.mkdir(parents=True, exist_ok=True)  # only once config, data and quantizer are known to be valid
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -76,40 +49,21 @@ class TokenizerTrainer:
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.loss.disc_lr or t.lr, betas=(0.5, 0.9))
             objs += [self.disc, self.disc_opt]
         prepared = self.acc.prepare(*objs)
-        self.model, self.opt, self.loader, self.sched = prepared[:4]
+        self.model, self.opt, loader, self.sched = prepared[:4]
         if self.disc is not None:
             self.disc, self.disc_opt = prepared[4:]
         self.lpips = lpips_loss_fn(self.acc.device) if cfg.loss.lpips_weight > 0 else None
-        self.state = TrainState()
-        self.acc.register_for_checkpointing(self.state)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", t.keep_checkpoints)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
-        self.batches_per_epoch = len(self.loader)
+        self._start(loader)
         self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(1, self.batches_per_epoch // t.grad_accum)
-        self.total_steps = _total_steps(cfg, self.batches_per_epoch)
         g = torch.Generator().manual_seed(12345)  # the drift probe: fixed images, independent of the run seed
         probe_idx = torch.randperm(len(self.dataset), generator=g)[: cfg.schedule.probe_size].tolist()
         self.probe = torch.stack([self.dataset[i][0] for i in probe_idx]).to(self.acc.device)
-        if resume:
-            self._resume()
-        elif self.acc.is_main_process:
-            save_config(cfg, self.out / "config.yaml")
+        self._resume_or_begin(resume)
+        self.model.train()
 
     @property
     def unwrapped(self) -> VQTokenizer:
         return self.acc.unwrap_model(self.model)
-
-    def _resume(self) -> None:
-        latest = self.ckpt.latest()
-        if latest is None:
-            logger.warning("no complete checkpoint in %s; starting from scratch", self.ckpt.root)
-            if self.acc.is_main_process:
-                save_config(self.cfg, self.out / "config.yaml")
-            return
-        self.acc.load_state(str(latest))
-        if self.acc.is_main_process:
-            self.metrics.truncate_after(self.state.step)
-        self.acc.print(f"resumed from {latest} at step {self.state.step}")
 
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -131,14 +85,8 @@ class TokenizerTrainer:
             logs.update(g_loss=g.item(), d_weight=float(w))
         return loss, logs, recon
 
-    def _check_finite(self, loss: torch.Tensor | None, error: str | None, step: int) -> None:
-        bad = torch.tensor([loss is None or not bool(torch.isfinite(loss))], device=self.acc.device)
-        if bool(self.acc.gather(bad).any()):
-            latest = self.ckpt.latest()
-            raise TrainingDiverged(f"non-finite loss at step {step}{': ' + error if error else ''}; "
-                                   f"stopping. Last good checkpoint: {latest or 'none yet'} (resume with --resume)")
-
-    def _step(self, x: torch.Tensor, step: int) -> dict:
+    def _step(self, batch, step: int) -> dict:
+        x, _ = batch
         with self.acc.accumulate(self.model):
             error = None
             try:
@@ -191,52 +139,22 @@ class TokenizerTrainer:
         plot_usage(records, self.out / "usage.png", f"{name}: codebook usage during training")
         plot_drift(records, self.out / "drift.png", f"{name}: encoder drift on a fixed probe batch")
 
-    def _epoch_iter(self, step: int):
-        """Batches from the data position of ``step`` on, epoch after epoch."""
-        consumed = step * self.cfg.train.grad_accum
-        epoch, skip = divmod(consumed, self.batches_per_epoch)
-        while True:
-            loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
-            loader.set_epoch(epoch)  # accelerate's loaders own the epoch counter that reaches the sampler
-            self.sampler.set_epoch(epoch)
-            for batch in loader:
-                yield batch
-            epoch, skip = epoch + 1, 0
+    def _before_step(self, step: int) -> dict:
+        return apply_schedules(self.unwrapped.quantize, step, self.total_steps, self.steps_per_epoch, self.cfg.schedule)
 
-    def train(self, max_steps: int | None = None) -> Path:
-        total = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
-        t = self.cfg.train
-        step = self.state.step
-        bar = tqdm(total=total, initial=step, desc=f"tokenizer[{self.cfg.quantizer.name}]",
-                   disable=not self.acc.is_local_main_process)
-        self.model.train()
-        start = time.time()
-        batches = self._epoch_iter(step)
-        while step < total:
-            scheduled = apply_schedules(self.unwrapped.quantize, step, self.total_steps, self.steps_per_epoch,
-                                        self.cfg.schedule)
-            logs = {}
-            for _ in range(t.grad_accum):
-                x, _ = next(batches)
-                logs = self._step(x, step)
-            step += 1
-            self.state.step = step
-            if step % self.cfg.schedule.drift_every == 0:
-                drift = self._drift()
-                if drift is not None:
-                    logs["drift"] = drift
-            if self.acc.is_main_process and (step % t.log_every == 0 or "drift" in logs or step == total):
-                self.metrics.write({"step": step, "epoch": step // self.steps_per_epoch, "lr": self.sched.get_last_lr()[0],
-                                    "frozen_encoder": encoder_frozen(step - 1, self.cfg.schedule),
-                                    **scheduled, **logs})
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{logs['usage']:.2f}")
-            if self.acc.is_main_process and (step % t.sample_every == 0 or step == total):
-                self._write_samples(step)
-            if step % t.checkpoint_every == 0 or step == total:
-                self.ckpt.save(self.acc, step)
-        bar.close()
-        return self._finish(step, time.time() - start)
+    def _after_step(self, step: int, logs: dict) -> None:
+        logs.update(epoch=step // self.steps_per_epoch, lr=self.sched.get_last_lr()[0],
+                    frozen_encoder=encoder_frozen(step - 1, self.cfg.schedule))
+        if step % self.cfg.schedule.drift_every == 0:
+            drift = self._drift()
+            if drift is not None:
+                logs["drift"] = drift
+
+    def _log_now(self, step: int, logs: dict) -> bool:
+        return step % self.cfg.train.log_every == 0 or "drift" in logs
+
+    def _postfix(self, logs: dict) -> dict:
+        return {"loss": f"{logs['loss']:.4f}", "usage": f"{logs['usage']:.2f}"}
 
     def _finish(self, step: int, seconds: float) -> Path:
         final = self.out / "tokenizer"

@@ -1,0 +1,154 @@
+"""The accelerate training loop every stage shares: run directory, resume, data order, progress, checkpoints.
+
+A stage subclasses :class:`TrainLoop` and supplies the models (``_build``), one micro-batch step
+(``_step``) and its side outputs (``_after_step``, ``_write_samples``, ``_finish``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import save_config
+from .runtime import (
+    CheckpointManager,
+    EpochSampler,
+    MetricsLog,
+    TrainingDiverged,
+    TrainState,
+    make_accelerator,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainLoop:
+    """One restartable run: ``cfg.train`` holds batch size, steps, precision, cadences and the seed."""
+
+    desc = "train"
+
+    def __init__(self, cfg: Any, output_dir: str | Path, resume: bool = False):
+        self.cfg, self.out = cfg, Path(output_dir)
+        if self.out.exists() and (self.out / "config.yaml").exists() and not resume:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --output-dir")
+        t = cfg.train
+        self.acc = make_accelerator(t.mixed_precision, t.grad_accum)
+        set_seed(t.seed)
+        self.state = TrainState()
+
+    def _loader(self, dataset, num_workers: int = 0) -> DataLoader:
+        """Epoch-seeded order; the loader's own generator keeps iterator creation off the global RNG, so a
+        resumed run (which creates one mid-epoch) draws the same random numbers as an uninterrupted one."""
+        t = self.cfg.train
+        self.sampler = EpochSampler(len(dataset), t.seed)
+        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(t.seed))
+        if len(loader) == 0:
+            raise ValueError(f"{len(dataset)} examples is fewer than one batch of {t.batch_size}")
+        return loader
+
+    def _start(self, loader) -> None:
+        """After ``acc.prepare``: checkpointing, metrics, step counts, and resume or a fresh config."""
+        t = self.cfg.train
+        self.loader = loader
+        self.acc.register_for_checkpointing(self.state)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", t.keep_checkpoints)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.batches_per_epoch = len(loader)
+        if t.max_steps is not None:
+            self.total_steps = t.max_steps
+        elif t.epochs is not None:
+            self.total_steps = t.epochs * math.ceil(self.batches_per_epoch / t.grad_accum)
+        else:
+            raise ValueError("set train.max_steps or train.epochs")
+
+    def _resume_or_begin(self, resume: bool) -> None:
+        latest = self.ckpt.latest() if resume else None
+        if latest is None:
+            if resume:
+                logger.warning("no complete checkpoint in %s; starting from scratch", self.ckpt.root)
+            if self.acc.is_main_process:
+                save_config(self.cfg, self.out / "config.yaml")
+            return
+        self.acc.load_state(str(latest))
+        if self.acc.is_main_process:
+            self.metrics.truncate_after(self.state.step)
+        self.acc.print(f"resumed from {latest} at step {self.state.step}")
+
+    def _check_finite(self, loss: torch.Tensor | None, error: str | None, step: int) -> None:
+        """Stop every rank on a non-finite loss, naming the last good checkpoint."""
+        bad = torch.tensor([loss is None or not bool(torch.isfinite(loss))], device=self.acc.device)
+        if bool(self.acc.gather(bad).any()):
+            latest = self.ckpt.latest()
+            raise TrainingDiverged(f"non-finite loss at step {step}{': ' + error if error else ''}; "
+                                   f"stopping. Last good checkpoint: {latest or 'none yet'} (resume with --resume)")
+
+    def _epoch_iter(self, step: int):
+        """Batches from the data position of ``step`` on, epoch after epoch."""
+        consumed = step * self.cfg.train.grad_accum
+        epoch, skip = divmod(consumed, self.batches_per_epoch)
+        while True:
+            loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            loader.set_epoch(epoch)  # accelerate's loaders own the epoch counter that reaches the sampler
+            self.sampler.set_epoch(epoch)
+            for batch in loader:
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    # --- stage hooks -----------------------------------------------------------------------
+    def _before_step(self, step: int) -> dict:
+        """Schedules applied before the step; returned values are logged."""
+        return {}
+
+    def _step(self, batch, step: int) -> dict:
+        raise NotImplementedError
+
+    def _after_step(self, step: int, logs: dict) -> None:
+        """Extra measurements after the optimiser step (added to ``logs``)."""
+
+    def _log_now(self, step: int, logs: dict) -> bool:
+        return step % self.cfg.train.log_every == 0
+
+    def _postfix(self, logs: dict) -> dict:
+        return {"loss": f"{logs['loss']:.4f}"}
+
+    def _write_samples(self, step: int) -> None:
+        """Sample grids and plots (main process only)."""
+
+    def _finish(self, step: int, seconds: float) -> Path:
+        raise NotImplementedError
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None) -> Path:
+        total = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        t = self.cfg.train
+        step = self.state.step
+        bar = tqdm(total=total, initial=step, desc=self.desc, disable=not self.acc.is_local_main_process)
+        start = time.time()
+        batches = self._epoch_iter(step)
+        while step < total:
+            scheduled = self._before_step(step)
+            logs = {}
+            for _ in range(t.grad_accum):
+                logs = self._step(next(batches), step)
+            step += 1
+            self.state.step = step
+            self._after_step(step, logs)
+            if self.acc.is_main_process and (self._log_now(step, logs) or step == total):
+                self.metrics.write({"step": step, **scheduled, **logs})
+            bar.update(1)
+            bar.set_postfix(self._postfix(logs))
+            if self.acc.is_main_process and (step % t.sample_every == 0 or step == total):
+                self._write_samples(step)
+            if step % t.checkpoint_every == 0 or step == total:
+                self.ckpt.save(self.acc, step)
+        bar.close()
+        return self._finish(step, time.time() - start)
