@@ -6,7 +6,6 @@ import json
 import sys
 
 from eval.cli import register_cli as register_fid_cli
-
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
 
 
@@ -58,6 +57,34 @@ def _cmd_eval_tokenizer(args) -> int:
     return 0
 
 
+def _cmd_encode(args) -> int:
+    from stage2_prior.codes import cache_path, encode_run
+
+    cache = encode_run(args.run_dir, args.batch_size)
+    print(f"{len(cache.indices)} code grids {tuple(cache.indices.shape[1:])}, K={cache.num_codes}, "
+          f"scaling_factor={cache.scaling_factor:.5f} -> {cache_path(args.run_dir)}")
+    return 0
+
+
+def _cmd_train_prior(args) -> int:
+    from stage1_tokenizer.runtime import TrainingDiverged
+    from stage2_prior.config import load_prior_config
+    from stage2_prior.train import train_prior
+
+    overrides = [f"tokenizer={args.tokenizer}", *args.overrides]
+    for key, value in (("train.max_steps", args.max_steps), ("train.seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_prior_config(args.kind, args.preset, overrides)
+    try:
+        final = train_prior(cfg, args.output_dir, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"vqgen: training stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"{args.kind} prior weights: {final}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from eval.report import write_report
 
@@ -89,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-images", type=int, default=1000, help="held-out images to score (default 1000)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.set_defaults(func=_cmd_eval_tokenizer)
+    en = sub.add_parser("encode", help="cache a tokenizer run's codes (indices + quantised latents) for stage 2",
+                        description="Encode the run's training set once with the frozen tokenizer; writes "
+                                    "RUN_DIR/codes/train.safetensors and the tokenizer's scaling_factor.")
+    en.add_argument("run_dir", help="a finished train-tokenizer run directory")
+    en.add_argument("--batch-size", type=int, default=256)
+    en.set_defaults(func=_cmd_encode)
+    tp = sub.add_parser("train-prior", help="train a GPT prior or a latent diffusion UNet on a tokenizer's codes",
+                        description="Train (or resume) a stage-2 prior on the frozen codes of a tokenizer run (encoded "
+                                    "on demand). Presets: configs/gpt/ and configs/ldm/; key=value overrides.")
+    tp.add_argument("--tokenizer", required=True, help="the stage-1 run directory")
+    tp.add_argument("--kind", required=True, choices=["gpt", "ldm"])
+    tp.add_argument("--preset", default="tiny", help="gpt: tiny, celeba-hq, ffhq, lsun, afhq; ldm: tiny, celeba-hq "
+                                                     "(or a .yaml path; default tiny)")
+    tp.add_argument("--output-dir", required=True)
+    tp.add_argument("--max-steps", type=int)
+    tp.add_argument("--resume", action="store_true")
+    tp.add_argument("--seed", type=int)
+    tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gpt.n_layer=8")
+    tp.set_defaults(func=_cmd_train_prior)
     rp = sub.add_parser("report", help="report.md, results.json and plots from run directories")
     rp.add_argument("run_dirs", nargs="+", help="tokenizer run directories (evaluated ones carry eval.json)")
     rp.add_argument("--output-dir", required=True)

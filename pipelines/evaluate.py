@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -14,22 +13,12 @@ from eval.codebook import code_counts, distortion_per_bit, perplexity, usage
 from eval.fid import fid
 from eval.lpips_offline import MIN_SIZE, lpips_distance
 from eval.recon import psnr, ssim
-from stage1_tokenizer.config import from_dict
 from stage1_tokenizer.data import build_dataset
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.plots import save_recon_grid
 from stage1_tokenizer.quantizers.sf_diveq import SFDiVeQ
 from stage1_tokenizer.schedules import base_quantizers
-from stage1_tokenizer.tokenizer_config import TokenizerConfig
-
-
-def load_run(run_dir: str | Path) -> tuple[TokenizerConfig, VQTokenizer]:
-    """The resolved config and final weights of a finished stage-1 run, in eval mode."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").exists() or not (run / "tokenizer").exists():
-        raise ValueError(f"{run} is not a finished tokenizer run (needs config.yaml and tokenizer/)")
-    cfg = from_dict(TokenizerConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    return cfg, VQTokenizer.from_pretrained(run / "tokenizer").eval()
+from stage1_tokenizer.train import load_run
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +28,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reconstruct_all(model: VQTokenizer, dataset, num_images: int, batch_size: int, hard: bool = False):
     """Originals and reconstructions (uint8), code counts and mean squared latent quantisation error."""
-    for q in base_quantizers(model.quantize):
-        if isinstance(q, SFDiVeQ):
-            q.hard_inference = hard
+    model.set_hard_inference(hard)
     device = next(model.parameters()).device
     loader = DataLoader(torch.utils.data.Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size)
     originals, recons, counts, sq_err, vectors = [], [], None, 0.0, 0

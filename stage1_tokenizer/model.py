@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .quantizers import QuantizerOutput, build_quantizer
+from .schedules import base_quantizers
 from .tokenizer_config import ModelConfig, QuantizerConfig
 
 
@@ -60,6 +61,24 @@ class VQTokenizer(ModelMixin, ConfigMixin):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Token indices -> images, through the frozen codebook lookup."""
         return self.decode_latents(self.quantize.lookup(indices))
+
+    def set_hard_inference(self, hard: bool = True) -> None:
+        """SF-DiVeQ's eval output is its continuous projection unless hard; tokens (and the priors) need hard."""
+        for q in base_quantizers(self.quantize):
+            if hasattr(q, "hard_inference"):
+                q.hard_inference = hard
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> token indices (B, h, w), or (B, L, h, w) for rvq; call in eval mode."""
+        return self.quantize(self.encode(x)).indices
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        """``VQModel.decode``'s contract: re-quantise latents through the frozen codebook, then decode.
+
+        This lets ``diffusers.LDMPipeline`` sample with this tokenizer as its ``vqvae``.
+        """
+        image = self.decode_indices(self.quantize(latents).indices)
+        return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(self, x: torch.Tensor, freeze_encoder: bool = False) -> tuple[torch.Tensor, QuantizerOutput]:
         """Reconstruction and the quantizer output; ``freeze_encoder`` runs the encoder without gradients."""

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
+from .config import from_dict
 from .data import build_dataset, skipped_files
 from .loop import TrainLoop
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -173,3 +175,12 @@ def train_tokenizer(cfg: TokenizerConfig, output_dir: str | Path, resume: bool =
                     max_steps: int | None = None) -> Path:
     """Train (or resume) a tokenizer run; returns the folder of the final safetensors weights."""
     return TokenizerTrainer(cfg, output_dir, resume=resume).train(max_steps)
+
+
+def load_run(run_dir: str | Path) -> tuple[TokenizerConfig, VQTokenizer]:
+    """The resolved config and final weights of a finished stage-1 run, in eval mode."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists() or not (run / "tokenizer").exists():
+        raise ValueError(f"{run} is not a finished tokenizer run (needs config.yaml and tokenizer/)")
+    cfg = from_dict(TokenizerConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    return cfg, VQTokenizer.from_pretrained(run / "tokenizer").eval()

@@ -1,7 +1,6 @@
 """``gumbel``: straight-through Gumbel-softmax quantisation (Jang et al. 2016; taming's GumbelQuantize)."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import all_gather_rows, broadcast_, all_reduce_sum
+from .distributed import all_gather_rows, all_reduce_sum, broadcast_
 from .search import nearest_code
 
 POLICIES = ("none", "importance", "random-used", "reservoir")

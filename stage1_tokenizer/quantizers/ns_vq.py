@@ -5,7 +5,6 @@ the selected code gets an extra ``a = 2/d`` share of the upstream gradient (modi
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

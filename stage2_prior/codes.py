@@ -1,0 +1,113 @@
+"""The code cache: a frozen tokenizer encodes its training set once; both priors train on the result.
+
+``RUN_DIR/codes/train.safetensors`` holds ``indices`` (N, h, w) or (N, L, h, w) for rvq, the quantised
+``latents`` (N, D, h, w) the LDM models, and ``labels`` (N,), with the tokenizer's hash in its metadata:
+a retrained or edited tokenizer no longer matches and the cache is rebuilt. Encoding also stores
+``scaling_factor = 1 / std(latents)`` in the tokenizer's config (METHODS, Stage 2 recipes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stage1_tokenizer.data import build_dataset
+from stage1_tokenizer.train import load_run
+
+logger = logging.getLogger(__name__)
+CACHE_NAME = "codes/train.safetensors"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """sha256 of the weights and of the config without ``scaling_factor`` (which encoding itself writes)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    h = hashlib.sha256()
+    with (tokenizer_dir / WEIGHTS).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    kept = {k: v for k, v in config.items() if k != "scaling_factor" and not k.startswith("_")}
+    h.update(json.dumps(kept, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class CodeCache:
+    indices: torch.Tensor  # long, (N, h, w) or (N, L, h, w)
+    latents: torch.Tensor  # float32, (N, D, h, w): lookup(indices), the hard quantised latents
+    labels: torch.Tensor  # long, (N,), -1 where the source has no labels
+    num_codes: int
+    scaling_factor: float
+    tokenizer_hash: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if (self.labels >= 0).all() and len(self.labels) else 0
+
+
+def cache_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CACHE_NAME
+
+
+@torch.no_grad()
+def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = None) -> CodeCache:
+    """Encode the run's training set with its frozen tokenizer (eval mode, hard tokens) and write the cache."""
+    run = Path(run_dir)
+    cfg, model = load_run(run)
+    dataset = build_dataset(cfg.data.source, cfg.model.resolution, cfg.model.in_channels, "train", cfg.data.num_images,
+                            cfg.data.holdout)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).set_hard_inference(True)
+    indices, labels = [], []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"encoding {run.name}", unit="batch"):
+        indices.append(model.tokenize(x.to(device)).cpu())
+        labels.append(torch.as_tensor(y))
+    idx = torch.cat(indices)
+    latents = torch.cat([model.quantize.lookup(chunk.to(device)).float().cpu() for chunk in idx.split(batch_size)])
+    scaling = float(1.0 / latents.std().clamp_min(1e-8))
+    digest = tokenizer_hash(run / "tokenizer")
+    path = cache_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"indices": idx.to(torch.int32).contiguous(), "latents": latents.contiguous(),
+               "labels": torch.cat(labels).long().contiguous()}, str(tmp),
+              metadata={"tokenizer_hash": digest, "num_codes": str(model.quantize.num_codes),
+                        "scaling_factor": repr(scaling), "source": cfg.data.source})
+    tmp.replace(path)
+    model.register_to_config(scaling_factor=scaling)
+    model.save_config(run / "tokenizer")  # the scale travels with the tokenizer (and its export)
+    logger.info("cached %d code grids %s (scaling_factor %.4f) in %s", len(idx), tuple(idx.shape[1:]), scaling, path)
+    return read_cache(path)
+
+
+def read_cache(path: Path) -> CodeCache:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in ("indices", "latents", "labels")}
+    return CodeCache(tensors["indices"].long(), tensors["latents"], tensors["labels"], int(meta["num_codes"]),
+                     float(meta["scaling_factor"]), meta["tokenizer_hash"])
+
+
+def load_codes(run_dir: str | Path, batch_size: int = 256) -> CodeCache:
+    """The run's code cache, (re)built when missing, unreadable or made by a different tokenizer."""
+    run = Path(run_dir)
+    path = cache_path(run)
+    if path.exists():
+        try:
+            cache = read_cache(path)
+        except Exception as e:  # a truncated or foreign file: rebuild rather than fail
+            logger.warning("code cache %s is unreadable (%s); re-encoding", path, e)
+        else:
+            if cache.tokenizer_hash == tokenizer_hash(run / "tokenizer"):
+                return cache
+            logger.warning("code cache %s was made by a different tokenizer; re-encoding", path)
+    return encode_run(run, batch_size)

@@ -1,0 +1,101 @@
+"""Stage-2 configs: the GPT prior (DiVeQ Sec. A.2, Tables 4-5) and the latent diffusion UNet, with paper defaults.
+
+Presets live in ``configs/gpt/`` and ``configs/ldm/``; ``load_prior_config(kind, preset, overrides)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stage1_tokenizer.config import CONFIG_DIR, load_config
+from stage1_tokenizer.tokenizer_config import TrainConfig
+
+KINDS = ("gpt", "ldm")
+
+
+@dataclass
+class GPTConfig:
+    """``GPT2LMHeadModel`` size (Table 4, CelebA-HQ row) and the ``p_keep`` corruption schedule."""
+
+    n_layer: int = 28
+    n_head: int = 16
+    n_embd: int = 1024
+    dropout: float = 0.1
+    p_keep_start: float = 0.5  # keep probability at step 0 ...
+    p_keep_end: float = 0.95  # ... rising on a cosine to this at the last step
+    class_conditional: bool = False  # a class token replaces the start token (labelled data only)
+
+
+@dataclass
+class LDMConfig:
+    """``UNet2DModel`` on the quantised latents; DDPM training, DDIM sampling (LDM's linear-in-sqrt betas)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])
+    layers_per_block: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2])  # resolutions (by index) with attention
+    norm_num_groups: int = 32
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    ema_decay: float = 0.9999
+    num_inference_steps: int = 50  # DDIM steps for samples
+    eta: float = 0.0
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings stored with the prior; ``top_k`` None picks DiVeQ Table 5's value for K."""
+
+    top_k: int | None = None
+    temperature: float = 1.0
+    num_samples: int = 16  # images in each sample grid
+    seed: int = 0
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    """AdamW (0.9, 0.95), weight decay 0.01, lr 4.5e-5, 10k warm-up steps then cosine to 1% (DiVeQ Sec. A.2)."""
+
+    batch_size: int = 32
+    lr: float = 4.5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    warmup_steps: int = 10_000
+    min_lr_ratio: float = 0.01
+    max_steps: int | None = 100_000
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class PriorConfig:
+    kind: str = "gpt"
+    tokenizer: str = ""  # the stage-1 run directory whose frozen codes the prior models
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown prior kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not 0 < self.gpt.p_keep_start <= self.gpt.p_keep_end <= 1:
+            raise ValueError("need 0 < gpt.p_keep_start <= gpt.p_keep_end <= 1")
+
+
+def load_prior_config(kind: str, preset: str, overrides: list[str] | None = None) -> PriorConfig:
+    """``configs/<kind>/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown prior kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return load_config(PriorConfig, preset, [f"kind={kind}", *(overrides or [])], CONFIG_DIR / kind)
+
+
+def default_top_k(num_codes: int) -> int:
+    """DiVeQ Table 5: K=256 -> 75, 512 -> 150, >=1024 -> 300 (smaller K: the same ~30% of the codebook)."""
+    if num_codes >= 1024:
+        return 300
+    if num_codes >= 512:
+        return 150
+    if num_codes >= 256:
+        return 75
+    return max(1, round(0.3 * num_codes))

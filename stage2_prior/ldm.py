@@ -1,0 +1,44 @@
+"""Latent diffusion on the quantised latents: ``UNet2DModel`` + DDPM training, DDIM sampling (Rombach et al. 2022).
+
+Latents are scaled by the tokenizer's ``scaling_factor`` (1 / std of the code cache) to unit variance;
+samples are divided by it, re-quantised through the frozen codebook and decoded, exactly as
+``diffusers.LDMPipeline`` does with a ``VQModel``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from .config import LDMConfig
+
+
+def build_unet(cfg: LDMConfig, channels: int, sample_size: int) -> UNet2DModel:
+    """A UNet over (channels, sample_size, sample_size) latents, attention at ``cfg.attention_levels``."""
+    levels = range(len(cfg.block_out_channels))
+    bad = [i for i in cfg.attention_levels if i not in levels]
+    if bad:
+        raise ValueError(f"ldm.attention_levels {bad} outside the {len(levels)} UNet levels")
+    down = tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                       block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                       down_block_types=down, up_block_types=up, norm_num_groups=cfg.norm_num_groups)
+
+
+def build_noise_scheduler(cfg: LDMConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False)
+
+
+def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
+    """DDIM over the same noise schedule as training."""
+    return DDIMScheduler.from_config(train_scheduler.config)
+
+
+def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, latents: torch.Tensor) -> torch.Tensor:
+    """DDPM epsilon-prediction loss: ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) ||^2``."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    return F.mse_loss(unet(noisy, t).sample.float(), noise.float())

@@ -1,0 +1,225 @@
+"""Stage-2 training: a GPT prior or a latent diffusion UNet on a frozen tokenizer's code cache.
+
+    vqgen train-prior --tokenizer runs/t --kind gpt --preset tiny --output-dir runs/t-gpt
+
+Both run on stage 1's :class:`~stage1_tokenizer.loop.TrainLoop` (resume, progress, metrics, checkpoints).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import LDMPipeline
+from diffusers.training_utils import EMAModel
+from torch.utils.data import TensorDataset
+from torchvision.utils import save_image
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from stage1_tokenizer.loop import TrainLoop
+from stage1_tokenizer.train import load_run
+
+from .codes import load_codes
+from .config import PriorConfig, default_top_k
+from .gpt import (
+    build_gpt,
+    codes_to_sequence,
+    generation_config,
+    p_keep_at,
+    sample_sequences,
+    sequence_to_codes,
+    training_pair,
+)
+from .ldm import build_noise_scheduler, build_unet, diffusion_loss, sampling_scheduler
+
+
+def adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT): biases and norm gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+class PriorTrainer(TrainLoop):
+    """What both priors share: the frozen tokenizer, its code cache, AdamW + warm-up/cosine, the run files."""
+
+    def __init__(self, cfg: PriorConfig, output_dir: str | Path, resume: bool = False):
+        if not cfg.tokenizer:
+            raise ValueError("set the tokenizer run directory (--tokenizer RUN_DIR or tokenizer=...)")
+        super().__init__(cfg, output_dir, resume)
+        self.codes = load_codes(cfg.tokenizer)  # before loading: encoding writes the tokenizer's scaling_factor
+        self.tokenizer_cfg, tokenizer = load_run(cfg.tokenizer)
+        tokenizer.set_hard_inference(True)
+        self.tokenizer = tokenizer.to(self.acc.device).requires_grad_(False)
+        self.desc = f"{cfg.kind}[{Path(cfg.tokenizer).name}]"
+        model, dataset = self._build()
+        self.out.mkdir(parents=True, exist_ok=True)
+        t = cfg.train
+        self.opt = adamw(model, t.lr, t.betas, t.weight_decay)
+        self.model, self.opt, loader = self.acc.prepare(model, self.opt, self._loader(dataset))
+        self._start(loader)
+        warmup = min(t.warmup_steps, self.total_steps // 2)  # small runs: never warm up past half-way
+        self.sched = self.acc.prepare(get_cosine_with_min_lr_schedule_with_warmup(
+            self.opt, warmup, self.total_steps, min_lr_rate=t.min_lr_ratio))
+        self._register_extra()
+        self._resume_or_begin(resume)
+        self.model.train()
+
+    def _build(self) -> tuple[torch.nn.Module, TensorDataset]:
+        raise NotImplementedError
+
+    def _register_extra(self) -> None:
+        """Further state to checkpoint (the LDM's EMA weights)."""
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def _optimise(self, loss: torch.Tensor, step: int) -> None:
+        self._check_finite(loss, None, step)
+        self.acc.backward(loss)
+        if self.acc.sync_gradients:
+            self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _write_grid(self, images: torch.Tensor, step: int) -> None:
+        """Images in [0, 1] -> samples/samples_stepXXXXXXX.png and samples.png (the latest)."""
+        (self.out / "samples").mkdir(exist_ok=True)
+        nrow = max(1, int(len(images) ** 0.5))
+        save_image(images, self.out / "samples" / f"samples_step{step:07d}.png", nrow=nrow, padding=1)
+        save_image(images, self.out / "samples.png", nrow=nrow, padding=1)
+
+    def _run_json(self, step: int, seconds: float, **extra) -> None:
+        run = {"kind": self.cfg.kind, "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
+               "tokenizer_hash": self.codes.tokenizer_hash, "status": "finished" if step >= self.total_steps else "stopped",
+               "step": step, "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
+               "num_training_codes": len(self.codes.indices), "world_size": self.acc.num_processes, **extra}
+        (self.out / "run.json").write_text(json.dumps(run, indent=2))
+
+
+class GPTTrainer(PriorTrainer):
+    """Next-code prediction on ``p_keep``-corrupted inputs with uncorrupted targets (DiVeQ Sec. A.2)."""
+
+    def _build(self):
+        cfg, codes = self.cfg, self.codes
+        self.grid = tuple(codes.indices.shape[1:])
+        seq = codes_to_sequence(codes.indices)
+        self.num_classes = 0
+        if cfg.gpt.class_conditional:
+            self.num_classes = codes.num_classes
+            if self.num_classes == 0:
+                raise ValueError("gpt.class_conditional needs labelled data; this tokenizer's dataset has no labels")
+        self.seq_len = seq.shape[1]
+        self.top_k = min(cfg.sample.top_k or default_top_k(codes.num_codes), codes.num_codes)
+        model = build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes)
+        model.generation_config = generation_config(codes.num_codes, model.config.vocab_size, self.top_k,
+                                                    cfg.sample.temperature)
+        return model, TensorDataset(seq, codes.labels)
+
+    def _before_step(self, step: int) -> dict:
+        g = self.cfg.gpt
+        self.p_keep = p_keep_at(step, self.total_steps, g.p_keep_start, g.p_keep_end)
+        return {"p_keep": self.p_keep}
+
+    def _step(self, batch, step: int) -> dict:
+        seq, labels = batch
+        K = self.codes.num_codes
+        with self.acc.accumulate(self.model):
+            inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None)
+            logits = self.model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            self._optimise(loss, step)
+        return {"loss": loss.item(), "lr": self.sched.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def sample_images(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` images in [0, 1] (class-conditional models cycle through the classes)."""
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        labels = torch.arange(n) % self.num_classes if self.num_classes else None
+        seq = sample_sequences(model, n, self.codes.num_codes, self.seq_len, self.top_k, self.cfg.sample.temperature,
+                               torch.Generator().manual_seed(seed), labels)
+        model.train(was_training)
+        images = self.tokenizer.decode_indices(sequence_to_codes(seq, self.grid))
+        return (images.float().clamp(-1, 1) + 1) / 2
+
+    def _write_samples(self, step: int) -> None:
+        self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed).cpu(), step)
+
+    def _finish(self, step: int, seconds: float) -> Path:
+        final = self.out / "transformer"
+        if self.acc.is_main_process:
+            self.unwrapped.save_pretrained(final, safe_serialization=True)
+            self._run_json(step, seconds, grid=list(self.grid), seq_len=self.seq_len, num_codes=self.codes.num_codes,
+                           num_classes=self.num_classes, top_k=self.top_k, temperature=self.cfg.sample.temperature)
+        self.acc.wait_for_everyone()
+        return final
+
+
+class LDMTrainer(PriorTrainer):
+    """DDPM noise prediction on unit-variance quantised latents; an EMA of the UNet is what gets saved."""
+
+    def _build(self):
+        latents = self.codes.latents * self.codes.scaling_factor
+        _, channels, h, w = latents.shape
+        if h != w:
+            raise ValueError(f"the LDM needs square latent grids, got {h}x{w}")
+        unet = build_unet(self.cfg.ldm, channels, h)
+        self.noise_scheduler = build_noise_scheduler(self.cfg.ldm)
+        self.ema = EMAModel(unet.parameters(), decay=self.cfg.ldm.ema_decay, model_cls=type(unet),
+                            model_config=unet.config)
+        self.ema.to(self.acc.device)
+        return unet, TensorDataset(latents, self.codes.labels)
+
+    def _register_extra(self) -> None:
+        self.acc.register_for_checkpointing(self.ema)
+
+    def _step(self, batch, step: int) -> dict:
+        latents, _ = batch
+        with self.acc.accumulate(self.model):
+            loss = diffusion_loss(self.model, self.noise_scheduler, latents)
+            self._optimise(loss, step)
+        if self.acc.sync_gradients:
+            self.ema.step(self.model.parameters())
+        return {"loss": loss.item(), "lr": self.sched.get_last_lr()[0]}
+
+    def ema_unet(self):
+        """A copy of the UNet holding the EMA weights."""
+        unet = copy.deepcopy(self.unwrapped)
+        self.ema.copy_to(unet.parameters())
+        return unet.eval()
+
+    @torch.no_grad()
+    def sample_images(self, n: int, seed: int) -> torch.Tensor:
+        pipe = LDMPipeline(vqvae=self.tokenizer, unet=self.ema_unet(), scheduler=sampling_scheduler(self.noise_scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), eta=self.cfg.ldm.eta,
+                   num_inference_steps=self.cfg.ldm.num_inference_steps, output_type="np")
+        return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+    def _write_samples(self, step: int) -> None:
+        self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed), step)
+
+    def _finish(self, step: int, seconds: float) -> Path:
+        final = self.out / "unet"
+        if self.acc.is_main_process:
+            self.ema_unet().save_pretrained(final, safe_serialization=True)
+            sampling_scheduler(self.noise_scheduler).save_pretrained(self.out / "scheduler")
+            self._run_json(step, seconds, scaling_factor=self.codes.scaling_factor,
+                           latent_shape=list(self.codes.latents.shape[1:]))
+        self.acc.wait_for_everyone()
+        return final
+
+
+TRAINERS = {"gpt": GPTTrainer, "ldm": LDMTrainer}
+
+
+def train_prior(cfg: PriorConfig, output_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> Path:
+    """Train (or resume) a prior of ``cfg.kind`` on ``cfg.tokenizer``'s codes; returns its final weights folder."""
+    return TRAINERS[cfg.kind](cfg, output_dir, resume=resume).train(max_steps)
