@@ -1,7 +1,8 @@
 """Turn run directories into ``report.md`` + ``results.json`` + PNG plots.
 
 Reads only files a run leaves behind (``config.yaml``, ``metrics.jsonl``, ``eval.json``,
-``samples/*.png``), so it depends on nothing else of ours. Runs of the same quantizer (e.g. seeds)
+``samples/*.png``, and ``generation.json`` with the gFID of the priors trained on the run's codes),
+so it depends on nothing else of ours. Runs of the same quantizer (e.g. seeds)
 are grouped and reported as mean and standard deviation.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ METRICS = [  # key in eval.json, column title, direction
     ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
     ("perplexity", "perplexity", "higher"), ("d_per_bit", "distortion/bit", "lower"),
     ("rfid_hard", "rFID (hard codes)", "lower"), ("lpips_vgg_hard", "LPIPS VGG (hard codes)", "lower"),
+    ("gpt_gfid", "gFID GPT", "lower"), ("ldm_gfid", "gFID LDM", "lower"),
 ]
+PRIORS = ("gpt", "ldm")
 
 
 def read_run(run: Path) -> dict:
@@ -33,11 +36,15 @@ def read_run(run: Path) -> dict:
     curves = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
+    generation = json.loads((run / "generation.json").read_text()) if (run / "generation.json").exists() else {}
+    for kind, result in generation.items():
+        evaluation[f"{kind}_gfid"] = result.get("gfid")
     q = cfg.get("quantizer", {})
     return {"dir": str(run), "quantizer": q.get("name", "?"), "num_codes": q.get("num_codes"),
             "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation,
             "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
-            "last_sample": str(samples[-1]) if samples else None}
+            "last_sample": str(samples[-1]) if samples else None,
+            "sample_grids": {k: g["grid"] for k, g in generation.items() if g.get("grid") and Path(g["grid"]).exists()}}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -159,9 +166,26 @@ def _plot_histograms(runs: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Tokenizer comparison") -> dict:
-    """Write report.md, results.json and plots for ``run_dirs`` into ``out_dir``; returns the summary."""
-    if not run_dirs:
+def nested(summary: dict) -> dict:
+    """results.json layout: each prior's metrics under its own key (``"gpt": {"gfid": ...}``)."""
+    out = {}
+    for key, entry in summary.items():
+        entry = dict(entry)
+        for kind in PRIORS:
+            if f"{kind}_gfid" in entry:
+                entry[kind] = {"gfid": entry.pop(f"{kind}_gfid")}
+        out[key] = entry
+    return out
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Tokenizer comparison",
+                 failures: dict[str, str] | None = None, notes: list[str] | None = None) -> dict:
+    """Write report.md, results.json and plots for ``run_dirs`` into ``out_dir``; returns the summary.
+
+    ``failures`` ({name: error}) are listed in both files; ``notes`` are lines placed under the title.
+    """
+    failures = failures or {}
+    if not run_dirs and not failures:
         raise ValueError("no run directories given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +198,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
                                      ("drift_curves.png", "drift", "encoder drift per step", 1.0)):
         if _plot_curves(runs, key, ylabel, f"{ylabel} during training", out / name, scale):
             plots.append(name)
-    for metric, label in (("rfid", "rFID"), ("usage", "codebook usage"), ("lpips_vgg", "LPIPS (VGG)")):
+    for metric, label in (("rfid", "rFID"), ("usage", "codebook usage"), ("lpips_vgg", "LPIPS (VGG)"),
+                          ("gpt_gfid", "gFID (GPT prior)"), ("ldm_gfid", "gFID (LDM prior)")):
         if _plot_bars(summary, metric, label, out / f"{metric}_per_quantizer.png"):
             plots.append(f"{metric}_per_quantizer.png")
     if _plot_histograms(runs, out / "code_frequencies.png"):
@@ -187,12 +212,25 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             dst = out / "grids" / f"{Path(r['dir']).name}.png"
             shutil.copyfile(src, dst)
             grids.append((r["quantizer"], dst.relative_to(out)))
-    text = [f"# {title}", "", f"{len(runs)} run(s). Mean ± std over runs of the same quantizer.", "",
-            table(summary), ""]
+    samples = []
+    for r in runs:
+        for kind, src in sorted(r["sample_grids"].items()):
+            dst = out / "grids" / f"{Path(r['dir']).name}-{kind}.png"
+            shutil.copyfile(src, dst)
+            samples.append((f"{r['quantizer']} / {kind}", dst.relative_to(out)))
+    text = [f"# {title}", "", *(notes or []), f"{len(runs)} run(s). Mean ± std over runs of the same quantizer.", "",
+            table(summary) if runs else "(no finished runs)", ""]
+    if failures:
+        text += ["## Failed", "", *(f"- **{name}**: {error}" for name, error in failures.items()), ""]
     text += [f"![{p}]({p})" for p in plots]
     if grids:
         text += ["", "## Reconstructions (top: original, below: reconstruction)", ""]
         text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in grids]
+    if samples:
+        text += ["", "## Samples of the priors", ""]
+        text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in samples]
     (out / "report.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    results = nested(summary)
+    results.update({name: {"error": error} for name, error in failures.items()})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     return summary

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from eval.codebook import code_counts, distortion_per_bit, perplexity, usage
-from eval.fid import fid
+from eval.fid import Stats, extract_features, fid, frechet_distance
+from eval.fid_reference import reference_stats
 from eval.lpips_offline import MIN_SIZE, lpips_distance
 from eval.recon import psnr, ssim
 from stage1_tokenizer.data import build_dataset
@@ -53,12 +54,22 @@ def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float |
     return lpips_distance(orig, recon, net)
 
 
+def _rfid(orig: torch.Tensor, recon: torch.Tensor, batch_size: int, stats_dir, source: str) -> float:
+    """rFID; with ``stats_dir`` the originals' statistics are cached there (shared by every run on the same images)."""
+    if stats_dir is None:
+        return fid(recon, orig, batch_size=batch_size)
+    ref = reference_stats(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir,
+                          batch_size=batch_size)
+    return frechet_distance(Stats.of(extract_features(recon, batch_size=batch_size)), ref)
+
+
 def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images: int = 1000,
-                       batch_size: int = 64) -> dict:
+                       batch_size: int = 64, stats_dir: str | Path | None = None) -> dict:
     """Write ``eval.json`` and ``eval_recon.png`` into ``run_dir``; returns the metrics.
 
     Data defaults to the run's own dataset, its held-out split. SF-DiVeQ runs are scored both with
     their continuous (projected) inference and in hard mode (``*_hard``), the mode the priors use.
+    ``stats_dir`` caches the originals' Inception statistics, so a sweep extracts them once.
     """
     run = Path(run_dir)
     cfg, model = load_run(run)
@@ -70,7 +81,7 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
         suffix = "_hard" if hard and len(modes) > 1 else ""
         result.update({
-            f"rfid{suffix}": fid(recon, orig, batch_size=batch_size),
+            f"rfid{suffix}": _rfid(orig, recon, batch_size, stats_dir, source),
             **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })

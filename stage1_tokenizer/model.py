@@ -11,7 +11,8 @@ from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .quantizers import QuantizerOutput, build_quantizer
+from .quantizers import QuantizerOutput, ResidualVQ, build_quantizer
+from .quantizers.search import nearest_code
 from .schedules import base_quantizers
 from .tokenizer_config import ModelConfig, QuantizerConfig
 
@@ -72,12 +73,26 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         """Images -> token indices (B, h, w), or (B, L, h, w) for rvq; call in eval mode."""
         return self.quantize(self.encode(x)).indices
 
+    def lookup_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """Tokens -> latents in the quantizer's ``lookup_space`` (rvq: the sum over depths): what the LDM models."""
+        if isinstance(self.quantize, ResidualVQ):
+            return self.quantize.lookup(indices)
+        return self.quantize.lookup_space()[0][indices].permute(0, 3, 1, 2)
+
+    def requantize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in ``lookup_space`` -> tokens of their nearest codes (rvq: residual, depth by depth)."""
+        if isinstance(self.quantize, ResidualVQ):
+            return self.quantize(latents).indices
+        b, d, h, w = latents.shape
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, d).float()
+        return nearest_code(flat, self.quantize.lookup_space()[0])[0].view(b, h, w)
+
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """``VQModel.decode``'s contract: re-quantise latents through the frozen codebook, then decode.
 
         This lets ``diffusers.LDMPipeline`` sample with this tokenizer as its ``vqvae``.
         """
-        image = self.decode_indices(self.quantize(latents).indices)
+        image = self.decode_indices(self.requantize(latents))
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(self, x: torch.Tensor, freeze_encoder: bool = False) -> tuple[torch.Tensor, QuantizerOutput]:

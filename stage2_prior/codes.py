@@ -43,7 +43,7 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
 @dataclass
 class CodeCache:
     indices: torch.Tensor  # long, (N, h, w) or (N, L, h, w)
-    latents: torch.Tensor  # float32, (N, D, h, w): lookup(indices), the hard quantised latents
+    latents: torch.Tensor  # float32, (N, d, h, w): the tokens' codes in the quantizer's lookup_space
     labels: torch.Tensor  # long, (N,), -1 where the source has no labels
     num_codes: int
     scaling_factor: float
@@ -72,7 +72,7 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
         indices.append(model.tokenize(x.to(device)).cpu())
         labels.append(torch.as_tensor(y))
     idx = torch.cat(indices)
-    latents = torch.cat([model.quantize.lookup(chunk.to(device)).float().cpu() for chunk in idx.split(batch_size)])
+    latents = torch.cat([model.lookup_latents(chunk.to(device)).float().cpu() for chunk in idx.split(batch_size)])
     scaling = float(1.0 / latents.std().clamp_min(1e-8))
     digest = tokenizer_hash(run / "tokenizer")
     path = cache_path(run)

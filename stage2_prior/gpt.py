@@ -20,7 +20,7 @@ def build_gpt(cfg: GPTConfig, num_codes: int, seq_len: int, num_classes: int = 0
     """A GPT-2 with vocabulary K + 1 (+ classes) and room for the start token plus ``seq_len`` codes."""
     config = GPT2Config(vocab_size=num_codes + 1 + num_classes, n_positions=seq_len + 1, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, bos_token_id=num_codes, eos_token_id=None, pad_token_id=num_codes)
+                        attn_pdrop=cfg.dropout, bos_token_id=num_codes, eos_token_id=None, pad_token_id=None)
     return GPT2LMHeadModel(config)
 
 
@@ -73,7 +73,7 @@ def generation_config(num_codes: int, vocab_size: int, top_k: int, temperature: 
     """Top-k sampling restricted to code ids: start and class tokens are suppressed before top-k."""
     return GenerationConfig(do_sample=True, top_k=top_k, temperature=temperature, use_cache=True,
                             suppress_tokens=list(range(num_codes, vocab_size)), bos_token_id=num_codes,
-                            pad_token_id=num_codes, eos_token_id=None)
+                            pad_token_id=None, eos_token_id=None)
 
 
 @torch.no_grad()
@@ -88,12 +88,11 @@ def sample_sequences(model: GPT2LMHeadModel, batch: int, num_codes: int, seq_len
     device = model.device
     prompt = start_tokens(batch, num_codes, class_labels).to(device)
     gen_cfg = generation_config(num_codes, model.config.vocab_size, top_k, temperature)
-    gen_cfg.use_cache = use_cache
+    gen_cfg.update(use_cache=use_cache, max_new_tokens=seq_len, min_new_tokens=seq_len)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        out = model.generate(prompt, generation_config=gen_cfg, max_new_tokens=seq_len,
-                             attention_mask=torch.ones_like(prompt))
+        out = model.generate(prompt, generation_config=gen_cfg, attention_mask=torch.ones_like(prompt))
     return out[:, 1:]

@@ -50,6 +50,9 @@ class PriorTrainer(TrainLoop):
         if not cfg.tokenizer:
             raise ValueError("set the tokenizer run directory (--tokenizer RUN_DIR or tokenizer=...)")
         super().__init__(cfg, output_dir, resume)
+        if self.acc.is_main_process:  # one process encodes; the others read its cache
+            load_codes(cfg.tokenizer)
+        self.acc.wait_for_everyone()
         self.codes = load_codes(cfg.tokenizer)  # before loading: encoding writes the tokenizer's scaling_factor
         self.tokenizer_cfg, tokenizer = load_run(cfg.tokenizer)
         tokenizer.set_hard_inference(True)

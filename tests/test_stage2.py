@@ -128,7 +128,8 @@ def test_code_cache_matches_the_tokenizer_and_stores_the_scaling_factor(tokenize
     cache = load_codes(tokenizer_run)
     model = VQTokenizer.from_pretrained(tokenizer_run / "tokenizer").eval()
     assert cache.indices.shape == (32, 8, 8) and cache.latents.shape == (32, 8, 8, 8)
-    torch.testing.assert_close(cache.latents, model.quantize.lookup(cache.indices))
+    torch.testing.assert_close(cache.latents, model.quantize.lookup(cache.indices))  # vq: lookup space = codebook
+    assert torch.equal(model.requantize(cache.latents), cache.indices)
     assert model.config.scaling_factor == pytest.approx(1 / cache.latents.std().item(), rel=1e-5)
     assert torch.equal(cache.labels, torch.arange(32) % 4)
     from stage1_tokenizer.data import build_dataset

@@ -41,6 +41,7 @@ class Quantizer(nn.Module, abc.ABC):
 
     default_replacement = "none"
     supports_code_space = True  # whether latents map into the raw codebook's space (reservoir, k-means)
+    nearest_lookup = True  # whether inference tokens are nearest codes of lookup_space (Gumbel: logits' argmax)
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,
                  replace_every: int | None = None, replace_until: int | None = None, dead_threshold: float = 0.01,
@@ -68,6 +69,12 @@ class Quantizer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def effective_codebook(self) -> torch.Tensor:
         """The (K, D) matrix that inference looks codes up in."""
+
+    def lookup_space(self) -> tuple[torch.Tensor, nn.Module | None, nn.Module | None]:
+        """(codebook, in_map, out_map) of the plain lookup inference equals: a token is the nearest ``codebook``
+        row to ``in_map(z)`` and decodes from ``out_map(row)``. Export folds the maps into a VQModel's
+        quant_conv / post_quant_conv, and the latent diffusion prior models latents in this space."""
+        return self.effective_codebook(), None, None
 
     @abc.abstractmethod
     def _train_step(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

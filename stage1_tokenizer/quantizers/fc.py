@@ -30,6 +30,11 @@ class FactorizedVQ(Quantizer):
     def effective_codebook(self) -> torch.Tensor:
         return self.proj_out(self.normalized_codes())
 
+    def lookup_space(self):
+        """Unit codes between the projections: the nearest unit code of ``proj_in(z)`` is the nearest on the
+        sphere (``||e|| = 1`` makes argmin ||x - e|| = argmax x.e), so no normalisation step is needed."""
+        return self.normalized_codes(), self.proj_in, self.proj_out
+
     def _to_code_space(self, z):
         return F.normalize(self.proj_in(z), dim=1)
 

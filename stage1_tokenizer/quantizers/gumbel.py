@@ -17,6 +17,7 @@ class GumbelVQ(Quantizer):
     soft-backward; ``z_q = y C``; loss ``kl_weight * mean(sum_k q_k log(q_k K))``; eval takes the argmax."""
 
     supports_code_space = False  # tokens come from logits, not from distances
+    nearest_lookup = False
 
     def __init__(self, num_codes: int, dim: int, *, temperature: float = 1.0, kl_weight: float = 5e-4, **options):
         super().__init__(num_codes, dim, **options)

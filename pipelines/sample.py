@@ -1,0 +1,123 @@
+"""Load an exported pipeline folder, sample it in batches, and score generation FID against the training set.
+
+    vqgen sample runs/sweep/vq/pipelines/gpt --num-images 64 --output-dir samples/
+    vqgen gfid runs/sweep/vq/pipelines/ldm --data mnist --num-images 1000
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from eval.fid import Stats, extract_features, frechet_distance
+from eval.fid_reference import reference_stats, source_fingerprint
+from stage1_tokenizer.data import build_dataset
+
+from .export import SIDECAR
+from .vqgpt_pipeline import VQGPTPipeline
+
+DEFAULT_STATS_DIR = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "fid-stats"
+
+
+def load_pipeline(path: str | Path, device: str | None = None) -> tuple[DiffusionPipeline, dict]:
+    """A pipeline folder written by export (VQGPTPipeline or a stock diffusers pipeline) and its sidecar."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.exists():
+        raise ValueError(f"{path} is not a pipeline folder (no model_index.json)")
+    name = json.loads(index.read_text()).get("_class_name")
+    cls = VQGPTPipeline if name == "VQGPTPipeline" else DiffusionPipeline
+    pipe = cls.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
+    return pipe, sidecar
+
+
+def sample_batches(pipe: DiffusionPipeline, sidecar: dict, num_images: int, batch_size: int = 32,
+                   seed: int = 0) -> Iterator[torch.Tensor]:
+    """Batches of images (B, C, H, W) in [0, 1]; one generator seeded once, so a run is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(sidecar.get("sampling", {})) if not isinstance(pipe, VQGPTPipeline) else {}
+    done = 0
+    with tqdm(total=num_images, unit="img", desc="sampling") as bar:
+        while done < num_images:
+            n = min(batch_size, num_images - done)
+            if isinstance(pipe, VQGPTPipeline):
+                images = pipe(batch_size=n, generator=generator, output_type="pt").images
+            else:  # stock pipelines: LDMPipeline returns numpy (B, H, W, C)
+                images = torch.from_numpy(pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images)
+                images = images.permute(0, 3, 1, 2)
+            done += n
+            bar.update(n)
+            yield images.float().cpu()
+
+
+def write_samples(pipe, sidecar: dict, num_images: int, output_dir: str | Path, batch_size: int = 32,
+                  seed: int = 0) -> Path:
+    """PNG files 000000.png... plus grid.png (the first 64) in ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first, i = [], 0
+    for batch in sample_batches(pipe, sidecar, num_images, batch_size, seed):
+        for image in batch:
+            save_image(image, out / f"{i:06d}.png")
+            i += 1
+        first.extend(batch[: max(0, 64 - len(first))])
+    save_image(torch.stack(first), out / "grid.png", nrow=8, padding=1)
+    return out
+
+
+def dataset_stats(source: str, resolution: int, channels: int, num_images: int,
+                  stats_dir: str | Path = DEFAULT_STATS_DIR) -> Stats:
+    """Cached Inception statistics of the first ``num_images`` training images as the tokenizer sees them."""
+    dataset = build_dataset(source, resolution, channels, "train", num_images)
+    if len(dataset) < num_images:
+        raise ValueError(f"{source} has {len(dataset)} training images, {num_images} requested")
+
+    def images():
+        for start in range(0, num_images, 64):
+            yield torch.stack([(dataset[i][0] + 1) / 2 for i in range(start, min(start + 64, num_images))])
+
+    path = Path(source)
+    content = source_fingerprint(str(path), num_images) if path.is_dir() else source
+    fingerprint = f"{content}|train|{resolution}px|{channels}ch"
+    name = hashlib.sha256(source.encode()).hexdigest()[:10] + "-" + (path.name or "data")
+    return reference_stats(images, name, resolution, num_images, stats_dir, fingerprint=fingerprint)
+
+
+def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
+         seed: int = 0, ref_images: int | None = None, stats_dir: str | Path = DEFAULT_STATS_DIR,
+         save_grid: str | Path | None = None) -> dict:
+    """Generation FID of a pipeline against its training set's cached statistics; no images are written except
+    a grid of the first 64 at ``save_grid`` when given."""
+    pipe, sidecar = load_pipeline(pipeline_dir)
+    source = data or sidecar.get("dataset")
+    if source is None:
+        raise ValueError("no --data given and the pipeline folder does not name its dataset")
+    vqvae = pipe.vqvae.config
+    channels = vqvae.in_channels
+    resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution
+    ref = dataset_stats(source, resolution, channels, ref_images or num_images, stats_dir)
+    kept = []
+
+    def generated():
+        for batch in sample_batches(pipe, sidecar, num_images, batch_size, seed):
+            if save_grid is not None and sum(len(k) for k in kept) < 64:
+                kept.append(batch)
+            yield batch
+
+    feats = extract_features(generated, num_images=num_images)
+    score = frechet_distance(Stats.of(feats), ref)
+    if save_grid is not None:
+        Path(save_grid).parent.mkdir(parents=True, exist_ok=True)
+        save_image(torch.cat(kept)[:64], save_grid, nrow=8, padding=1)
+    return {"gfid": score, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,
+            "seed": seed, "pipeline": sidecar.get("pipeline")}
