@@ -47,6 +47,12 @@ def read_run(run: Path) -> dict:
             "sample_grids": {k: g["grid"] for k, g in generation.items() if g.get("grid") and Path(g["grid"]).exists()}}
 
 
+def run_label(run_dir: str | Path) -> str:
+    """A run's name in file names: its folder, or the parent's for a sweep's ``<run>/tokenizer``."""
+    path = Path(run_dir)
+    return path.parent.name if path.name == "tokenizer" else path.name
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -209,13 +215,13 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     for r in runs:
         src = r["eval_grid"] or r["last_sample"]
         if src:
-            dst = out / "grids" / f"{Path(r['dir']).name}.png"
+            dst = out / "grids" / f"{run_label(r['dir'])}.png"
             shutil.copyfile(src, dst)
             grids.append((r["quantizer"], dst.relative_to(out)))
     samples = []
     for r in runs:
         for kind, src in sorted(r["sample_grids"].items()):
-            dst = out / "grids" / f"{Path(r['dir']).name}-{kind}.png"
+            dst = out / "grids" / f"{run_label(r['dir'])}-{kind}.png"
             shutil.copyfile(src, dst)
             samples.append((f"{r['quantizer']} / {kind}", dst.relative_to(out)))
     text = [f"# {title}", "", *(notes or []), f"{len(runs)} run(s). Mean ± std over runs of the same quantizer.", "",

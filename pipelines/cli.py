@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from eval.cli import register_cli as register_fid_cli
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
@@ -85,6 +86,63 @@ def _cmd_train_prior(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pipelines.export import export_gpt, export_ldm
+
+    kind = json.loads((Path(args.prior_dir) / "run.json").read_text()).get("kind") if (Path(args.prior_dir) / "run.json").exists() else None
+    exporter = {"gpt": export_gpt, "ldm": export_ldm}.get(kind)
+    if exporter is None:
+        raise ValueError(f"{args.prior_dir} is not a finished train-prior run")
+    print(f"wrote {exporter(args.prior_dir, args.output_dir)}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from pipelines.sample import load_pipeline, write_samples
+
+    pipe, sidecar = load_pipeline(args.pipeline_dir)
+    out = write_samples(pipe, sidecar, args.num_images, args.output_dir, args.batch_size, args.seed)
+    print(f"wrote {args.num_images} images and grid.png to {out}")
+    return 0
+
+
+def _cmd_gfid(args) -> int:
+    from pipelines.sample import DEFAULT_STATS_DIR, gfid
+
+    result = gfid(args.pipeline_dir, args.data, args.num_images, args.batch_size, args.seed, args.ref_images,
+                  args.stats_dir or DEFAULT_STATS_DIR, args.save_grid)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from pipelines.publish import publish
+
+    staged = publish(args.pipeline_dir, args.repo_id, args.private, args.dry_run, args.output_dir)
+    if args.dry_run:
+        print(f"dry run: nothing uploaded; the folder that would be uploaded is {staged}")
+    else:
+        print(f"uploaded {staged} to https://huggingface.co/{args.repo_id}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from pipelines.sweep import Sweep, load_sweep_config
+
+    overrides = list(args.overrides)
+    if args.quantizers:
+        names = list(QUANTIZERS) if args.quantizers == "all" else args.quantizers.split(",")
+        overrides.append(f"quantizers={json.dumps(names)}")
+    for key, value in (("preset", args.preset), ("data", args.data), ("max_steps", args.max_steps)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_sweep_config(args.config, overrides)
+    result = Sweep(cfg, args.output_dir).run()
+    print(f"finished: {', '.join(result['finished']) or 'none'}; failed: {', '.join(result['failed']) or 'none'}; "
+          f"{result['seconds'] / 60:.1f} min. Report: {args.output_dir}/report.md")
+    return 0 if not result["failed"] else 1
+
+
 def _cmd_report(args) -> int:
     from eval.report import write_report
 
@@ -135,6 +193,45 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int)
     tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gpt.n_layer=8")
     tp.set_defaults(func=_cmd_train_prior)
+    ex = sub.add_parser("export", help="export a finished prior run as a diffusers pipeline folder")
+    ex.add_argument("prior_dir", help="a finished train-prior run (gpt -> VQGPTPipeline, ldm -> LDMPipeline)")
+    ex.add_argument("--output-dir", required=True)
+    ex.set_defaults(func=_cmd_export)
+    sa = sub.add_parser("sample", help="sample images from an exported pipeline folder")
+    sa.add_argument("pipeline_dir")
+    sa.add_argument("--num-images", type=int, default=64)
+    sa.add_argument("--output-dir", required=True)
+    sa.add_argument("--batch-size", type=int, default=32)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.set_defaults(func=_cmd_sample)
+    gf = sub.add_parser("gfid", help="generation FID of a pipeline against its training set's cached statistics")
+    gf.add_argument("pipeline_dir")
+    gf.add_argument("--data", help="image source (default: the dataset the pipeline was trained on)")
+    gf.add_argument("--num-images", type=int, default=1000, help="samples to score (default 1000)")
+    gf.add_argument("--ref-images", type=int, help="training images in the reference statistics (default: --num-images)")
+    gf.add_argument("--batch-size", type=int, default=32)
+    gf.add_argument("--seed", type=int, default=0)
+    gf.add_argument("--stats-dir", help="reference statistics cache (default $VQGEN_CACHE/fid-stats, ~/.cache/vqgen)")
+    gf.add_argument("--save-grid", help="also write a grid of the first 64 samples to this PNG path")
+    gf.set_defaults(func=_cmd_gfid)
+    pb = sub.add_parser("publish", help="upload a pipeline folder with a model card to the Hugging Face Hub")
+    pb.add_argument("pipeline_dir")
+    pb.add_argument("--repo-id", required=True, help="OWNER/NAME")
+    pb.add_argument("--private", action="store_true")
+    pb.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing")
+    pb.add_argument("--output-dir", help="where --dry-run writes the folder (default: a new temporary folder)")
+    pb.set_defaults(func=_cmd_publish)
+    sw = sub.add_parser("sweep", help="the whole study: tokenizer, evaluation, GPT + LDM priors, export, gFID, report",
+                        description="Train and score every chosen quantizer end to end; finished stages are skipped, "
+                                    "a killed sweep resumes. Sweep settings: configs/sweep/ + key=value overrides.")
+    sw.add_argument("--config", default="demo", help="sweep preset under configs/sweep/ or a .yaml path (default demo)")
+    sw.add_argument("--output-dir", default="runs/sweep")
+    sw.add_argument("--quantizers", help="comma-separated variants, or 'all' (default: the preset's eight)")
+    sw.add_argument("--preset", help="tokenizer preset (default: the sweep preset's, tiny)")
+    sw.add_argument("--data", help="mnist | shapes | a folder of images | hf:<dir> (default: the sweep preset's)")
+    sw.add_argument("--max-steps", type=int, help="cap every training stage at N steps (smoke runs)")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="sweep config overrides, e.g. gfid_images=500")
+    sw.set_defaults(func=_cmd_sweep)
     rp = sub.add_parser("report", help="report.md, results.json and plots from run directories")
     rp.add_argument("run_dirs", nargs="+", help="tokenizer run directories (evaluated ones carry eval.json)")
     rp.add_argument("--output-dir", required=True)

@@ -1,0 +1,200 @@
+"""``vqgen sweep``: the whole study. For each quantizer: train the tokenizer, evaluate reconstruction, cache
+codes, train the GPT and LDM priors, export both pipelines, compute their gFID; then one report.
+
+Every stage writes into ``OUTPUT/<run>/`` and is skipped when its artifact exists; a killed sweep resumes
+the unfinished stage from its last checkpoint; one run failing is recorded and the others go on.
+Under ``accelerate launch`` the training stages run on every process and the rest on the main one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+
+from eval.report import write_report
+from stage1_tokenizer.config import CONFIG_DIR, load_config, save_config
+from stage1_tokenizer.quantizers import QUANTIZERS
+from stage1_tokenizer.tokenizer_config import TokenizerConfig
+from stage1_tokenizer.train import train_tokenizer
+from stage2_prior.codes import load_codes
+from stage2_prior.config import KINDS, load_prior_config
+from stage2_prior.train import train_prior
+
+from .evaluate import evaluate_tokenizer
+from .export import SIDECAR, export_gpt, export_ldm
+from .sample import gfid
+
+logger = logging.getLogger(__name__)
+DEFAULT_QUANTIZERS = ["vq", "ema", "simvq", "transvq", "ns-vq", "diveq", "sf-diveq", "rotation"]
+EXPORTERS = {"gpt": export_gpt, "ldm": export_ldm}
+
+
+@dataclass
+class SweepConfig:
+    """What to compare and how hard: presets for each stage plus per-stage ``key=value`` overrides."""
+
+    quantizers: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTIZERS))
+    num_codes: list[int] = field(default_factory=list)  # codebook sizes to cross with the quantizers; [] = preset's
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: str = "mnist"
+    preset: str = "tiny"  # tokenizer preset (configs/)
+    tokenizer: list[str] = field(default_factory=list)  # overrides for every tokenizer
+    quantizer_options: dict = field(default_factory=dict)  # {variant: {option: value}}
+    gpt_preset: str = "tiny"
+    gpt: list[str] = field(default_factory=list)
+    ldm_preset: str = "tiny"
+    ldm: list[str] = field(default_factory=list)
+    eval_images: int = 1000  # held-out images for rFID / LPIPS / SSIM / PSNR / usage
+    gfid_images: int = 1000  # samples per prior for gFID
+    ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
+    sample_batch_size: int = 50
+    max_steps: int | None = None  # cap on every training stage (smoke runs)
+
+    def __post_init__(self):
+        unknown = [q for q in self.quantizers if q not in QUANTIZERS]
+        if unknown:
+            raise ValueError(f"unknown quantizer(s) {', '.join(unknown)}; choose from {', '.join(QUANTIZERS)} or 'all'")
+        if not self.quantizers or not self.seeds:
+            raise ValueError("a sweep needs at least one quantizer and one seed")
+
+    def runs(self) -> list[tuple[str, str, int | None, int]]:
+        """(run name, quantizer, K or None, seed) for every combination."""
+        sizes = self.num_codes or [None]
+        out = []
+        for q in self.quantizers:
+            for k in sizes:
+                for seed in self.seeds:
+                    name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
+                    out.append((name, q, k, seed))
+        return out
+
+
+def load_sweep_config(preset: str = "demo", overrides: list[str] | None = None) -> SweepConfig:
+    """``configs/sweep/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
+    return load_config(SweepConfig, preset, overrides, CONFIG_DIR / "sweep")
+
+
+def _finished(run_dir: Path) -> bool:
+    path = run_dir / "run.json"
+    return path.exists() and json.loads(path.read_text()).get("status") == "finished"
+
+
+def _cap(cfg, max_steps: int | None):
+    if max_steps is not None:
+        cfg.train.max_steps = min(cfg.train.max_steps or max_steps, max_steps)
+    return cfg
+
+
+class Sweep:
+    """Runs the stages of every (quantizer, K, seed) in ``cfg`` under ``out``."""
+
+    def __init__(self, cfg: SweepConfig, out: str | Path):
+        self.cfg, self.out = cfg, Path(out)
+        self.state = PartialState()
+        self.stats_dir = self.out / "fid-stats"
+
+    def _main_only(self, fn, *args, **kwargs):
+        """Run ``fn`` on the main process; every process waits for it."""
+        result = fn(*args, **kwargs) if self.state.is_main_process else None
+        self.state.wait_for_everyone()
+        return result
+
+    def _timed(self, run: Path, stage: str, fn, *args, **kwargs):
+        start = time.time()
+        result = fn(*args, **kwargs)
+        if self.state.is_main_process:
+            path = run / "timings.json"
+            timings = json.loads(path.read_text()) if path.exists() else {}
+            timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
+            path.write_text(json.dumps(timings, indent=2))
+        return result
+
+    # --- stages ------------------------------------------------------------------------------
+    def tokenizer(self, run: Path, quantizer: str, num_codes: int | None, seed: int) -> Path:
+        tok = run / "tokenizer"
+        if not _finished(tok):
+            options = self.cfg.quantizer_options.get(quantizer, {})
+            overrides = [f"quantizer.name={quantizer}", f"data.source={self.cfg.data}", f"train.seed={seed}",
+                         *([f"quantizer.num_codes={num_codes}"] if num_codes else []),
+                         *(f"quantizer.options.{k}={json.dumps(v)}" for k, v in options.items()), *self.cfg.tokenizer]
+            cfg = _cap(load_config(TokenizerConfig, self.cfg.preset, overrides), self.cfg.max_steps)
+            self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists())
+        if not (tok / "eval.json").exists():
+            self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok, num_images=self.cfg.eval_images,
+                            stats_dir=self.stats_dir)
+        self._main_only(load_codes, tok)
+        return tok
+
+    def prior(self, run: Path, tok: Path, kind: str, seed: int) -> None:
+        prior_dir = run / kind
+        if not _finished(prior_dir):
+            preset, overrides = (self.cfg.gpt_preset, self.cfg.gpt) if kind == "gpt" else (self.cfg.ldm_preset, self.cfg.ldm)
+            cfg = _cap(load_prior_config(kind, preset, [f"tokenizer={tok}", f"train.seed={seed}", *overrides]),
+                       self.cfg.max_steps)
+            self._timed(run, kind, train_prior, cfg, prior_dir, resume=(prior_dir / "config.yaml").exists())
+        self._main_only(self._publishable, run, tok, prior_dir, kind)
+
+    def _publishable(self, run: Path, tok: Path, prior_dir: Path, kind: str) -> None:
+        """Export the pipeline (atomically) and score its gFID; both skipped when already done."""
+        pipe_dir = run / "pipelines" / kind
+        if not (pipe_dir / "model_index.json").exists():
+            tmp = pipe_dir.with_name(f".tmp-{kind}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._timed(run, f"export_{kind}", EXPORTERS[kind], prior_dir, tmp)
+            shutil.rmtree(pipe_dir, ignore_errors=True)
+            tmp.rename(pipe_dir)
+        gen_path = tok / "generation.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        if kind in generation:
+            return
+        result = self._timed(run, f"gfid_{kind}", gfid, pipe_dir, self.cfg.data, num_images=self.cfg.gfid_images,
+                             batch_size=self.cfg.sample_batch_size, ref_images=self.cfg.ref_images,
+                             stats_dir=self.stats_dir, save_grid=pipe_dir / "samples.png")
+        result["grid"] = str(pipe_dir / "samples.png")
+        evaluation = json.loads((tok / "eval.json").read_text())
+        sidecar = json.loads((pipe_dir / SIDECAR).read_text())
+        sidecar["metrics"] = {"gfid": result["gfid"], "num_images": result["num_images"],
+                              **{k: evaluation.get(k) for k in ("rfid", "usage", "perplexity")}}
+        (pipe_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+        generation[kind] = result
+        gen_path.write_text(json.dumps(generation, indent=2))
+
+    # --- the whole sweep -------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.state.is_main_process:
+            save_config(self.cfg, self.out / "sweep.yaml")
+        failures, done = {}, []
+        start = time.time()
+        for name, quantizer, num_codes, seed in self.cfg.runs():
+            run = self.out / name
+            try:
+                tok = self.tokenizer(run, quantizer, num_codes, seed)
+                for kind in KINDS:
+                    self.prior(run, tok, kind, seed)
+            except Exception as e:  # one variant failing must not stop the others; the report names it
+                failures[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                logger.error("sweep run %s failed: %s", name, failures[name])
+                if self.state.is_main_process:
+                    run.mkdir(parents=True, exist_ok=True)
+                    (run / "error.txt").write_text(traceback.format_exc())
+                continue
+            (run / "error.txt").unlink(missing_ok=True)
+            done.append(run / "tokenizer")
+        seconds = time.time() - start
+        if self.state.is_main_process:
+            notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
+                     f"`{self.cfg.ldm_preset}`; rFID on {self.cfg.eval_images} held-out images, gFID on "
+                     f"{self.cfg.gfid_images} samples per prior vs {self.cfg.ref_images or self.cfg.gfid_images} "
+                     f"training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
+                     f"per-stage seconds in each run's timings.json).", ""]
+            write_report(done, self.out, "vqgen sweep: which quantizer makes the best tokenizer for generation?",
+                         failures, notes)
+        self.state.wait_for_everyone()
+        return {"finished": [str(d.parent.name) for d in done], "failed": failures, "seconds": seconds}

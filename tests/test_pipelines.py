@@ -1,0 +1,250 @@
+"""Export to stock diffusers, the GPT pipeline, sampling, gFID, Hub publishing and the sweep end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from pipelines.export import export_gpt, export_ldm, export_tokenizer, stock_incompatibility, to_vqmodel
+from pipelines.publish import publish
+from pipelines.sample import gfid, load_pipeline, write_samples
+from pipelines.vqgpt_pipeline import VQGPTPipeline
+from stage1_tokenizer.model import VQTokenizer
+from stage1_tokenizer.quantizers import QUANTIZERS
+from stage1_tokenizer.train import load_run
+from stage2_prior.train import train_prior
+
+from stage2_helpers import prior_config, tiny_tokenizer_run
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("stage1_tokenizer", "stage2_prior", "pipelines", "eval")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny tokenizer, GPT and LDM (a few steps each) exported as pipeline folders."""
+    root = tmp_path_factory.mktemp("pipe")
+    tok = tiny_tokenizer_run(root / "tok")
+    train_prior(prior_config("gpt", tok, "train.max_steps=5"), root / "gpt")
+    train_prior(prior_config("ldm", tok, "train.max_steps=5"), root / "ldm")
+    return {"tok": tok, "gpt": export_gpt(root / "gpt", root / "pipe-gpt"),
+            "ldm": export_ldm(root / "ldm", root / "pipe-ldm")}
+
+
+# --- export --------------------------------------------------------------------------------------
+def _tokenizer(name: str, **options) -> VQTokenizer:
+    torch.manual_seed(0)
+    if name == "rvq":
+        options = {"base": "vq", "num_quantizers": 2, **options}
+    return VQTokenizer(resolution=16, block_out_channels=(16, 16), latent_channels=8, vq_embed_dim=8,
+                       norm_num_groups=4, quantizer=name, num_codes=32, quantizer_options=options,
+                       scaling_factor=2.5).eval()
+
+
+@pytest.mark.parametrize("name", [q for q in QUANTIZERS if q not in ("rvq", "gumbel")])
+def test_stock_vqmodel_equals_the_tokenizer(name):
+    """Same tokens, same decode of given tokens (1e-5), same reconstruction, for every nearest-lookup variant."""
+    tok = _tokenizer(name, **({"hard_inference": True} if name.startswith("sf-") else {}))
+    vq = to_vqmodel(tok)
+    assert vq.config.scaling_factor == 2.5
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        tokens = tok.tokenize(x)
+        h = vq.encode(x).latents
+        _, _, (_, _, stock_tokens) = vq.quantize(h)
+        assert torch.equal(stock_tokens.view(tokens.shape), tokens)
+        idx = torch.randint(0, 32, (3, 8, 8))
+        z = vq.quantize.get_codebook_entry(idx.reshape(-1), (3, 8, 8, vq.config.vq_embed_dim))
+        ours = tok.decode_indices(idx)
+        torch.testing.assert_close(vq.decode(z, force_not_quantize=True).sample, ours, rtol=0, atol=1e-5)
+        torch.testing.assert_close(vq(x).sample, tok(x)[0], rtol=0, atol=1e-5)
+        # the LDM's latents live in the same space in both: re-quantising them decodes identically
+        latents = tok.lookup_latents(idx)
+        torch.testing.assert_close(vq.decode(latents).sample, tok.decode(latents).sample, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rvq", "gumbel"])
+def test_variants_without_a_stock_form_say_why_and_export_our_model(name, tmp_path):
+    tok = _tokenizer(name)
+    reason = stock_incompatibility(tok)
+    assert reason and ("codebooks" in reason if name == "rvq" else "logits" in reason)
+    with pytest.raises(ValueError, match="cannot export as a stock VQModel"):
+        to_vqmodel(tok)
+    model = export_tokenizer(tok)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+
+
+STOCK_ONLY = textwrap.dedent("""
+    import sys, torch
+    from diffusers import LDMPipeline, VQModel
+    ldm_dir, gpt_dir, idx_path, out_path = sys.argv[1:]
+    pipe = LDMPipeline.from_pretrained(ldm_dir)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3), images.shape
+    vq = VQModel.from_pretrained(gpt_dir, subfolder="vqvae")
+    idx = torch.load(idx_path, weights_only=True)
+    z = vq.quantize.get_codebook_entry(idx.reshape(-1), (*idx.shape, vq.config.vq_embed_dim))
+    torch.save(vq.decode(z, force_not_quantize=True).sample, out_path)
+    ours = [m for m in sys.modules if m.split(".")[0] in {ours!r}]
+    assert not ours, ours
+    print("stock ok")
+""").replace("{ours!r}", repr(set(OURS)))
+
+
+def test_exports_load_and_sample_with_stock_diffusers_alone(exported, tmp_path):
+    idx = torch.randint(0, 32, (2, 8, 8))
+    torch.save(idx, tmp_path / "idx.pt")
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_ONLY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, str(script), str(exported["ldm"]), str(exported["gpt"]),
+                          str(tmp_path / "idx.pt"), str(tmp_path / "out.pt")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "stock ok" in run.stdout, run.stderr[-3000:]
+    _, tok = load_run(exported["tok"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), tok.decode_indices(idx),
+                                   rtol=0, atol=1e-5)
+
+
+# --- the GPT pipeline ----------------------------------------------------------------------------
+def test_gpt_pipeline_round_trip_gives_identical_samples(exported, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(exported["gpt"])
+    a = pipe(batch_size=3, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    pipe.save_pretrained(tmp_path / "again", safe_serialization=True)
+    assert not list((tmp_path / "again").rglob("*.bin"))
+    again = VQGPTPipeline.from_pretrained(tmp_path / "again")
+    b = again(batch_size=3, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert a.shape == (3, 3, 16, 16) and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    assert again.config.top_k == pipe.config.top_k and list(again.config.grid) == [8, 8]
+    np_images = again(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np_images.shape == (2, 16, 16, 3)
+    pil = again(batch_size=1, output_type="pil").images
+    assert pil[0].size == (16, 16)
+    with pytest.raises(ValueError, match="output_type"):
+        again(batch_size=1, output_type="jpeg")
+    with pytest.raises(ValueError, match="unconditional"):
+        again(batch_size=1, class_labels=[0])
+
+
+def test_sample_writes_images_and_gfid_scores_a_pipeline(exported, tmp_path):
+    pipe, sidecar = load_pipeline(exported["ldm"])
+    out = write_samples(pipe, sidecar, 5, tmp_path / "samples", batch_size=2, seed=1)
+    assert len(list(out.glob("0*.png"))) == 5 and (out / "grid.png").exists()
+    result = gfid(exported["gpt"], "shapes", num_images=6, batch_size=3, stats_dir=tmp_path / "stats")
+    assert result["gfid"] > 0 and result["num_images"] == 6
+    assert list((tmp_path / "stats").glob("*.npz")), "the reference statistics are cached"
+    assert not list(tmp_path.glob("*.png"))  # no images written unless asked
+
+
+# --- publishing ------------------------------------------------------------------------------------
+class FakeApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def test_publish_dry_run_writes_the_card_and_uploads_nothing(exported, tmp_path, monkeypatch, capsys):
+    secret = "hf_SECRET_token_never_shown_12345"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    sidecar = json.loads((exported["gpt"] / "vqgen.json").read_text())
+    sidecar["metrics"] = {"gfid": 12.5, "rfid": 3.25, "usage": 0.9, "perplexity": 200.0, "num_images": 1000}
+    (exported["gpt"] / "vqgen.json").write_text(json.dumps(sidecar))
+    api = FakeApi()
+    staged = publish(exported["gpt"], "someone/vqgen-test", dry_run=True, output_dir=tmp_path / "staged", api=api)
+    assert api.calls == []
+    card = (staged / "README.md").read_text()
+    assert "model-index" in card and "12.5" in card and "3.25" in card and "someone/vqgen-test" in card
+    assert "VQGPTPipeline.from_pretrained" in card and "samples.png" in card
+    for name in ("model_index.json", "transformer/model.safetensors", "vqvae/config.json", "samples.png"):
+        assert (staged / name).exists(), name
+    from huggingface_hub import ModelCard
+    meta = ModelCard.load(staged / "README.md").data.to_dict()
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["gfid"] == 12.5
+    for path in staged.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_publish_uploads_through_the_hub_api_without_exposing_the_token(exported, tmp_path, monkeypatch, capsys):
+    secret = "hf_SECRET_token_never_shown_67890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    api = FakeApi()
+    staged = publish(exported["ldm"], "someone/ldm", private=True, output_dir=tmp_path / "up", api=api)
+    (name, repo, kwargs), (name2, repo2, kwargs2) = api.calls
+    assert (name, repo, kwargs["private"]) == ("create_repo", "someone/ldm", True)
+    assert (name2, repo2, kwargs2["folder_path"]) == ("upload_folder", "someone/ldm", str(staged))
+    assert "LDMPipeline.from_pretrained" in (staged / "README.md").read_text()
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("pipelines.publish.get_token", lambda: None)
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        publish(exported["ldm"], "someone/ldm", output_dir=tmp_path / "up2", api=FakeApi())
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        publish(exported["ldm"], "no-owner", dry_run=True)
+
+
+# --- the sweep ---------------------------------------------------------------------------------------
+SMALL_SWEEP = ["eval_images=8", "gfid_images=8", "sample_batch_size=4",
+               'tokenizer=["model.resolution=16", "model.block_out_channels=[16, 16]", "model.latent_channels=8", '
+               '"model.vq_embed_dim=8", "model.norm_num_groups=4", "quantizer.num_codes=32", "data.num_images=64", '
+               '"train.batch_size=16", "train.checkpoint_every=2", "train.sample_every=1000"]',
+               'gpt=["gpt.n_layer=1", "gpt.n_embd=32", "gpt.n_head=2", "train.batch_size=16", "sample.num_samples=4"]',
+               'ldm=["ldm.block_out_channels=[32, 32]", "ldm.norm_num_groups=8", "ldm.num_inference_steps=3", '
+               '"ldm.attention_levels=[1]", "train.batch_size=16", "sample.num_samples=4"]',
+               "quantizer_options={transvq: {replacement: reservoir}}"]  # transvq cannot: a run that fails
+
+
+def _sweep(out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", "sweep", "--output-dir", str(out), "--data", "shapes",
+            "--quantizers", "vq,transvq,diveq", "--max-steps", "6", *SMALL_SWEEP]
+
+
+def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VQGEN_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(_sweep(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "diveq" / "tokenizer" / "checkpoints" / "step-00000002" / "COMPLETE"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "report.md").exists(), "the sweep must be killed mid-way"
+    vq_done = (out / "vq" / "tokenizer" / "run.json").stat().st_mtime_ns
+    resumed = subprocess.run(_sweep(out), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]  # 1: a run failed (transvq), the rest finished
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert (out / "vq" / "tokenizer" / "run.json").stat().st_mtime_ns == vq_done, "finished stages are skipped"
+    results = json.loads((out / "results.json").read_text())
+    for q in ("vq", "diveq"):
+        assert results[q]["gpt"]["gfid"]["mean"] > 0 and results[q]["ldm"]["gfid"]["mean"] > 0
+        assert results[q]["rfid"]["mean"] > 0
+        assert (out / q / "pipelines" / "gpt" / "model_index.json").exists()
+    assert "reservoir" in results["transvq"]["error"] and (out / "transvq" / "error.txt").exists()
+    report = (out / "report.md").read_text()
+    assert "## Failed" in report and "transvq" in report and "gFID GPT" in report
+    for png in ("gpt_gfid_per_quantizer.png", "rfid_per_quantizer.png", "usage_curves.png", "grids/vq-gpt.png"):
+        assert (out / png).exists(), png
+    loaded = DiffusionPipeline.from_pretrained(out / "vq" / "pipelines" / "ldm")
+    assert type(loaded).__name__ == "LDMPipeline"
