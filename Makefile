@@ -15,13 +15,14 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vqgen demo quantizers --output-dir runs/demo
+	$(VENV)/bin/vqgen sweep --output-dir runs/sweep
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py
+	$(PY) benchmarks/bench_kv_cache.py
 
 clean:
 	rm -rf $(VENV) runs

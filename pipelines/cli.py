@@ -29,22 +29,28 @@ def _cmd_demo_quantizers(args) -> int:
 
 def _cmd_train_tokenizer(args) -> int:
     from stage1_tokenizer.config import load_config
-    from stage1_tokenizer.runtime import TrainingDiverged
     from stage1_tokenizer.tokenizer_config import TokenizerConfig
     from stage1_tokenizer.train import train_tokenizer
 
-    overrides = list(args.overrides)
-    for key, value in (("quantizer.name", args.quantizer), ("data.source", args.data),
-                       ("train.max_steps", args.max_steps), ("train.seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_config(TokenizerConfig, args.preset, overrides)
+    overrides = _with_flags(args, ("quantizer.name", args.quantizer), ("data.source", args.data))
+    return _train(train_tokenizer, load_config(TokenizerConfig, args.preset, overrides), args, "tokenizer")
+
+
+def _with_flags(args, *pairs) -> list[str]:
+    """The positional ``key=value`` overrides plus those given as flags (max steps, seed, ...)."""
+    pairs += (("train.max_steps", args.max_steps), ("train.seed", args.seed))
+    return [*args.overrides, *(f"{key}={value}" for key, value in pairs if value is not None)]
+
+
+def _train(train_fn, cfg, args, what: str) -> int:
+    from stage1_tokenizer.runtime import TrainingDiverged
+
     try:
-        final = train_tokenizer(cfg, args.output_dir, resume=args.resume)
+        final = train_fn(cfg, args.output_dir, resume=args.resume)
     except TrainingDiverged as e:
         print(f"vqgen: training stopped: {e}", file=sys.stderr)
         return 3
-    print(f"tokenizer weights: {final}")
+    print(f"{what} weights: {final}")
     return 0
 
 
@@ -68,28 +74,18 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_train_prior(args) -> int:
-    from stage1_tokenizer.runtime import TrainingDiverged
     from stage2_prior.config import load_prior_config
     from stage2_prior.train import train_prior
 
-    overrides = [f"tokenizer={args.tokenizer}", *args.overrides]
-    for key, value in (("train.max_steps", args.max_steps), ("train.seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_prior_config(args.kind, args.preset, overrides)
-    try:
-        final = train_prior(cfg, args.output_dir, resume=args.resume)
-    except TrainingDiverged as e:
-        print(f"vqgen: training stopped: {e}", file=sys.stderr)
-        return 3
-    print(f"{args.kind} prior weights: {final}")
-    return 0
+    overrides = _with_flags(args, ("tokenizer", args.tokenizer))
+    return _train(train_prior, load_prior_config(args.kind, args.preset, overrides), args, f"{args.kind} prior")
 
 
 def _cmd_export(args) -> int:
     from pipelines.export import export_gpt, export_ldm
 
-    kind = json.loads((Path(args.prior_dir) / "run.json").read_text()).get("kind") if (Path(args.prior_dir) / "run.json").exists() else None
+    run = Path(args.prior_dir) / "run.json"
+    kind = json.loads(run.read_text()).get("kind") if run.exists() else None
     exporter = {"gpt": export_gpt, "ldm": export_ldm}.get(kind)
     if exporter is None:
         raise ValueError(f"{args.prior_dir} is not a finished train-prior run")

@@ -32,7 +32,8 @@ def card_data(sidecar: dict, repo_id: str) -> ModelCardData:
                if metrics.get(key) is not None]
     quantizer = sidecar.get("quantizer", "unknown")
     return ModelCardData(model_name=repo_id.split("/")[-1], library_name="diffusers", pipeline_tag=TASK,
-                         tags=["vqgen", "vector-quantization", f"quantizer-{quantizer}", sidecar.get("pipeline", "")],
+                         tags=[t for t in ("vqgen", "vector-quantization", f"quantizer-{quantizer}",
+                                           sidecar.get("pipeline")) if t],
                          datasets=[dataset], eval_results=results or None, license="mit",
                          vqgen={"quantizer": quantizer, "num_codes": sidecar.get("num_codes"),
                                 "quantizer_options": sidecar.get("quantizer_options", {}),
@@ -67,7 +68,7 @@ def model_card(sidecar: dict, repo_id: str) -> ModelCard:
 
 # {repo_id.split("/")[-1]}
 
-A `{sidecar.get("pipeline")}` trained by [vqgen](https://github.com) on `{sidecar.get("dataset")}`: a VQ tokenizer
+A `{sidecar.get("pipeline")}` trained by vqgen on `{sidecar.get("dataset")}`: a VQ tokenizer
 with the **{sidecar.get("quantizer")}** quantizer (K = {sidecar.get("num_codes")}) and a generative prior on its frozen codes.
 
 ![samples](samples.png)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from eval.report import write_report
 from stage1_tokenizer.config import CONFIG_DIR, load_config, save_config
@@ -100,9 +101,21 @@ class Sweep:
         self.stats_dir = self.out / "fid-stats"
 
     def _main_only(self, fn, *args, **kwargs):
-        """Run ``fn`` on the main process; every process waits for it."""
-        result = fn(*args, **kwargs) if self.state.is_main_process else None
-        self.state.wait_for_everyone()
+        """Run ``fn`` on the main process while the others wait; its failure is raised on every process, so
+        all of them skip to the next run together."""
+        result, error = None, None
+        if self.state.is_main_process:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                error = e
+        failed = [f"{type(error).__name__}: {error}" if error is not None else None]
+        if self.state.num_processes > 1:
+            broadcast_object_list(failed)
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise RuntimeError(f"failed on the main process: {failed[0]}")
         return result
 
     def _timed(self, run: Path, stage: str, fn, *args, **kwargs):

@@ -91,6 +91,21 @@ class TrainLoop:
             raise TrainingDiverged(f"non-finite loss at step {step}{': ' + error if error else ''}; "
                                    f"stopping. Last good checkpoint: {latest or 'none yet'} (resume with --resume)")
 
+    @property
+    def unwrapped(self):
+        """The model without its DDP / accelerate wrapper."""
+        return self.acc.unwrap_model(self.model)
+
+    def _optimise(self, loss: torch.Tensor | None, step: int, error: str | None = None) -> None:
+        """Finite check across ranks, backward, clip to norm 1, optimiser and lr-schedule step."""
+        self._check_finite(loss, error, step)
+        self.acc.backward(loss)
+        if self.acc.sync_gradients:
+            self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
     def _epoch_iter(self, step: int):
         """Batches from the data position of ``step`` on, epoch after epoch."""
         consumed = step * self.cfg.train.grad_accum

@@ -63,10 +63,6 @@ class TokenizerTrainer(TrainLoop):
         self._resume_or_begin(resume)
         self.model.train()
 
-    @property
-    def unwrapped(self) -> VQTokenizer:
-        return self.acc.unwrap_model(self.model)
-
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
         cfg = self.cfg.loss
@@ -95,13 +91,7 @@ class TokenizerTrainer(TrainLoop):
                 loss, logs, recon = self._losses(x, step)
             except FloatingPointError as e:  # non-finite latents from the encoder
                 loss, logs, recon, error = None, {}, None, str(e)
-            self._check_finite(loss, error, step)
-            self.acc.backward(loss)
-            if self.acc.sync_gradients:
-                self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            self._optimise(loss, step, error)
         if self.disc is not None and step >= self.cfg.loss.disc_start:
             with self.acc.accumulate(self.disc):
                 self.disc_opt.zero_grad(set_to_none=True)  # drop what the generator's backward left in D

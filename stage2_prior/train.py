@@ -77,19 +77,6 @@ class PriorTrainer(TrainLoop):
     def _register_extra(self) -> None:
         """Further state to checkpoint (the LDM's EMA weights)."""
 
-    @property
-    def unwrapped(self):
-        return self.acc.unwrap_model(self.model)
-
-    def _optimise(self, loss: torch.Tensor, step: int) -> None:
-        self._check_finite(loss, None, step)
-        self.acc.backward(loss)
-        if self.acc.sync_gradients:
-            self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
     def _write_grid(self, images: torch.Tensor, step: int) -> None:
         """Images in [0, 1] -> samples/samples_stepXXXXXXX.png and samples.png (the latest)."""
         (self.out / "samples").mkdir(exist_ok=True)

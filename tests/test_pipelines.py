@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from pipelines.export import export_gpt, export_ldm, export_tokenizer, stock_incompatibility, to_vqmodel
 from pipelines.publish import publish
-from pipelines.sample import gfid, load_pipeline, write_samples
+from pipelines.sample import gfid, load_pipeline, sample_batches, write_samples
 from pipelines.vqgpt_pipeline import VQGPTPipeline
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import QUANTIZERS
@@ -248,3 +248,19 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
         assert (out / png).exists(), png
     loaded = DiffusionPipeline.from_pretrained(out / "vq" / "pipelines" / "ldm")
     assert type(loaded).__name__ == "LDMPipeline"
+
+
+def test_rvq_tokenizer_runs_through_both_priors_and_exports_as_our_model(tmp_path):
+    """rvq: the GPT models all depths (sequence length L*h*w); both pipelines load and sample."""
+    tok = tiny_tokenizer_run(tmp_path / "tok", "quantizer.name=rvq", "quantizer.options={num_quantizers: 2}",
+                             "train.max_steps=4")
+    train_prior(prior_config("gpt", tok, "train.max_steps=3"), tmp_path / "gpt")
+    train_prior(prior_config("ldm", tok, "train.max_steps=3"), tmp_path / "ldm")
+    assert json.loads((tmp_path / "gpt" / "run.json").read_text())["seq_len"] == 2 * 8 * 8
+    for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
+        folder = exporter(tmp_path / kind, tmp_path / f"pipe-{kind}")
+        assert json.loads((folder / "vqgen.json").read_text())["stock_vqmodel"] is False
+        pipe, sidecar = load_pipeline(folder)
+        assert type(pipe.vqvae).__name__ == "VQTokenizer"
+        images = next(iter(sample_batches(pipe, sidecar, 2, 2)))
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

@@ -236,3 +236,17 @@ def test_killed_prior_run_resumes_to_the_same_weights(tokenizer_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{k} differs after resume")
     steps = [r["step"] for r in MetricsLog(killed / "metrics.jsonl").read()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_encode_command_writes_the_cache(tokenizer_run, tmp_path, capsys):
+    import shutil
+
+    from pipelines.cli import main
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_run, run)
+    shutil.rmtree(run / "codes", ignore_errors=True)
+    assert main(["encode", str(run), "--batch-size", "8"]) == 0
+    assert "32 code grids (8, 8), K=32" in capsys.readouterr().out
+    assert read_cache(cache_path(run)).tokenizer_hash == tokenizer_hash(run / "tokenizer")
+    assert main(["encode", str(tmp_path / "missing")]) == 2  # not a run: one clear line, exit status 2
+    assert "not a finished tokenizer run" in capsys.readouterr().err
