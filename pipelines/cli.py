@@ -133,9 +133,11 @@ def _cmd_sweep(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_sweep_config(args.config, overrides)
-    result = Sweep(cfg, args.output_dir).run()
-    print(f"finished: {', '.join(result['finished']) or 'none'}; failed: {', '.join(result['failed']) or 'none'}; "
-          f"{result['seconds'] / 60:.1f} min. Report: {args.output_dir}/report.md")
+    sweep = Sweep(cfg, args.output_dir)
+    result = sweep.run()
+    if sweep.state.is_main_process:
+            print(f"finished: {', '.join(result['finished']) or 'none'}; failed: {', '.join(result['failed']) or 'none'}; "
+              f"{result['seconds'] / 60:.1f} min. Report: {args.output_dir}/report.md")
     return 0 if not result["failed"] else 1
 
 

@@ -15,12 +15,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from eval.report import write_report
 from stage1_tokenizer.config import CONFIG_DIR, load_config, save_config
 from stage1_tokenizer.quantizers import QUANTIZERS
+from stage1_tokenizer.runtime import process_state
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
 from stage1_tokenizer.train import train_tokenizer
 from stage2_prior.codes import load_codes
@@ -97,7 +97,7 @@ class Sweep:
 
     def __init__(self, cfg: SweepConfig, out: str | Path):
         self.cfg, self.out = cfg, Path(out)
-        self.state = PartialState()
+        self.state = process_state()
         self.stats_dir = self.out / "fid-stats"
 
     def _main_only(self, fn, *args, **kwargs):

@@ -8,17 +8,27 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import Sampler
 
 COMPLETE = "COMPLETE"
 
 
+def _cpu_only() -> bool:
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def process_state() -> PartialState:
+    """The process group (rank, world size), set up as :func:`make_accelerator` sets it up: ``torchrun`` on CPU
+    becomes gloo DDP only when accelerate is told ``cpu=True``, and the first caller fixes it for the process."""
+    return PartialState(cpu=_cpu_only())
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
-    """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, which accelerate runs as gloo DDP only
-    when told ``cpu=True``). Unused parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some."""
-    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, see :func:`process_state`). Unused
+    parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some."""
+    no_accelerator = _cpu_only()
     # one process may train several models in turn (a sweep) with different precision: accelerate keeps its
     # settings in a process-wide singleton, so clear them (the process group, in PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)

@@ -250,6 +250,21 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
     assert type(loaded).__name__ == "LDMPipeline"
 
 
+def test_sweep_under_torchrun_trains_on_both_ranks(tmp_path):
+    """Two CPU processes (gloo): training stages see world size 2, the rest runs once on the main process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VQGEN_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_sweep(out)[1:]]
+    cmd[cmd.index("vq,transvq,diveq")] = "vq"
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for stage in ("tokenizer", "gpt", "ldm"):
+        assert json.loads((out / "vq" / stage / "run.json").read_text())["world_size"] == 2
+    assert json.loads((out / "results.json").read_text())["vq"]["ldm"]["gfid"]["mean"] > 0
+    assert run.stdout.count("finished: vq") == 1
+
+
 def test_rvq_tokenizer_runs_through_both_priors_and_exports_as_our_model(tmp_path):
     """rvq: the GPT models all depths (sequence length L*h*w); both pipelines load and sample."""
     tok = tiny_tokenizer_run(tmp_path / "tok", "quantizer.name=rvq", "quantizer.options={num_quantizers: 2}",
