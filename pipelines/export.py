@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from stage1_tokenizer.config import to_dict
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import ResidualVQ
 from stage1_tokenizer.train import load_run
@@ -101,7 +102,8 @@ def _prior_run(prior_dir: Path) -> tuple[dict, dict, VQTokenizer, dict]:
              "quantizer_options": tok_cfg.quantizer.options, "dataset": tok_cfg.data.source,
              "resolution": tok_cfg.model.resolution, "tokenizer_run": run["tokenizer"],
              "stock_vqmodel": stock_incompatibility(tokenizer) is None,
-             "not_stock_because": stock_incompatibility(tokenizer)}
+             "not_stock_because": stock_incompatibility(tokenizer),
+             "config": {"tokenizer": to_dict(tok_cfg), "prior": cfg}}
     return run, cfg, tokenizer, facts
 
 

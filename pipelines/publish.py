@@ -68,8 +68,9 @@ def model_card(sidecar: dict, repo_id: str) -> ModelCard:
 
 # {repo_id.split("/")[-1]}
 
-A `{sidecar.get("pipeline")}` trained by vqgen on `{sidecar.get("dataset")}`: a VQ tokenizer
-with the **{sidecar.get("quantizer")}** quantizer (K = {sidecar.get("num_codes")}) and a generative prior on its frozen codes.
+`{sidecar.get("pipeline")}` trained by vqgen on `{sidecar.get("dataset")}`: a VQ tokenizer with the
+**{sidecar.get("quantizer")}** quantizer (K = {sidecar.get("num_codes")}) and a generative prior on its frozen codes.
+The full tokenizer and prior configs are in the card's `vqgen.config` metadata and in `vqgen.json`.
 
 ![samples](samples.png)
 

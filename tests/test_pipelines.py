@@ -179,6 +179,8 @@ def test_publish_dry_run_writes_the_card_and_uploads_nothing(exported, tmp_path,
     meta = ModelCard.load(staged / "README.md").data.to_dict()
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics["gfid"] == 12.5
+    assert meta["vqgen"]["quantizer"] == "vq" and meta["vqgen"]["config"]["tokenizer"]["quantizer"]["name"] == "vq"
+    assert meta["vqgen"]["config"]["prior"]["kind"] == "gpt"
     for path in staged.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
