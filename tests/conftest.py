@@ -39,3 +39,25 @@ def torchrun_two_ranks(worker: str, out_dir) -> tuple[dict, dict]:
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return tuple(torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for CLI subprocesses: this checkout importable, one thread each."""
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", **extra}
+
+
+def kill_when(cmd: list[str], marker, env: dict, timeout: float = 600) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as the file ``marker`` exists (or it exits, or time runs out)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -1,11 +1,9 @@
 """Export to stock diffusers, the GPT pipeline, sampling, gFID, Hub publishing and the sweep end to end."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,9 @@ from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import load_run
 from stage2_prior.train import train_prior
 
+from conftest import kill_when, subprocess_env
 from stage2_helpers import prior_config, tiny_tokenizer_run
 
-ROOT = Path(__file__).resolve().parents[1]
 OURS = ("stage1_tokenizer", "stage2_prior", "pipelines", "eval")
 
 
@@ -223,15 +221,10 @@ def _sweep(out: Path) -> list[str]:
 
 
 def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VQGEN_CACHE": str(tmp_path / "cache")}
+    env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "sweep"
-    proc = subprocess.Popen(_sweep(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "diveq" / "tokenizer" / "checkpoints" / "step-00000002" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_sweep(out), marker, env)
     assert marker.exists() and not (out / "report.md").exists(), "the sweep must be killed mid-way"
     vq_done = (out / "vq" / "tokenizer" / "run.json").stat().st_mtime_ns
     resumed = subprocess.run(_sweep(out), env=env, capture_output=True, text=True, timeout=900)
@@ -254,7 +247,7 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
 
 def test_sweep_under_torchrun_trains_on_both_ranks(tmp_path):
     """Two CPU processes (gloo): training stages see world size 2, the rest runs once on the main process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VQGEN_CACHE": str(tmp_path / "cache")}
+    env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *_sweep(out)[1:]]

@@ -1,11 +1,8 @@
 """Stage-1 training: every variant learns, runs resume exactly, schedules act, bad input is refused."""
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,10 +17,9 @@ from stage1_tokenizer.runtime import MetricsLog, TrainingDiverged
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 
-from conftest import torchrun_two_ranks
+from conftest import kill_when, subprocess_env, torchrun_two_ranks
 from stage1_helpers import SMALL, small_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
@@ -50,17 +46,12 @@ def _cli(out: Path, *extra: str) -> list[str]:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     straight = tmp_path / "straight"
     subprocess.run(_cli(straight), env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "step-00000010" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_cli(killed), marker, env)
     assert marker.exists() and not (killed / "tokenizer").exists(), "the run must be killed mid-way"
     resumed = subprocess.run(_cli(killed, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

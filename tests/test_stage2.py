@@ -1,10 +1,7 @@
 """Stage 2: the p_keep schedule and corruption, top-k sampling, the code cache, and both priors training."""
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,9 @@ from stage2_prior.gpt import (build_gpt, codes_to_sequence, corrupt, p_keep_at, 
                               training_pair)
 from stage2_prior.train import GPTTrainer, train_prior
 
+from conftest import kill_when, subprocess_env
 from stage2_helpers import TINY_GPT, prior_config, tiny_tokenizer_run
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -214,17 +211,12 @@ def _cli(tokenizer: Path, out: Path, *extra: str) -> list[str]:
 
 def test_killed_prior_run_resumes_to_the_same_weights(tokenizer_run, tmp_path):
     load_codes(tokenizer_run)  # encode once here, so both runs find the cache
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     straight = tmp_path / "straight"
     subprocess.run(_cli(tokenizer_run, straight), env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tokenizer_run, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "step-00000010" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_cli(tokenizer_run, killed), marker, env)
     assert marker.exists() and not (killed / "transformer").exists(), "the run must be killed mid-way"
     resumed = subprocess.run(_cli(tokenizer_run, killed, "--resume"), env=env, capture_output=True, text=True,
                              timeout=600)
