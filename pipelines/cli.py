@@ -27,6 +27,17 @@ def _cmd_demo_quantizers(args) -> int:
     return 0
 
 
+def _cmd_demo_drift(args) -> int:
+    from stage1_tokenizer.drift import PAPER_RULES, SCENARIOS, DriftConfig, run_drift_demo
+
+    methods = [*PAPER_RULES, *QUANTIZERS] if args.methods == "all" else args.methods.split(",")
+    scenarios = list(SCENARIOS) if args.scenarios == "all" else args.scenarios.split(",")
+    run_drift_demo(DriftConfig(scenarios=scenarios, methods=methods, epochs=args.epochs, seed=args.seed),
+                   args.output_dir)
+    print(f"wrote {args.output_dir}/report.md, results.json, frames_<scenario>.png")
+    return 0
+
+
 def _cmd_train_tokenizer(args) -> int:
     from stage1_tokenizer.config import load_config
     from stage1_tokenizer.tokenizer_config import TokenizerConfig
@@ -136,8 +147,9 @@ def _cmd_sweep(args) -> int:
     sweep = Sweep(cfg, args.output_dir)
     result = sweep.run()
     if sweep.state.is_main_process:
-            print(f"finished: {', '.join(result['finished']) or 'none'}; failed: {', '.join(result['failed']) or 'none'}; "
-              f"{result['seconds'] / 60:.1f} min. Report: {args.output_dir}/report.md")
+        finished, failed = ", ".join(result["finished"]) or "none", ", ".join(result["failed"]) or "none"
+        print(f"finished: {finished}; failed: {failed}; {result['seconds'] / 60:.1f} min. "
+              f"Report: {args.output_dir}/report.md")
     return 0 if not result["failed"] else 1
 
 
@@ -245,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--steps", type=int, default=600, help="training steps per quantizer (default 600)")
     dq.add_argument("--seed", type=int, default=0)
     dq.set_defaults(func=_cmd_demo_quantizers)
+    dd = demo_sub.add_parser("drift", help="Beyond Stationarity's toy drift demos (EMA vs NS-VQ online, every variant)",
+                             description="Translation, expansion, shrink and split streams (Suppl. 11); the paper's "
+                                         "EMA and NS-VQ online rules plus every registry variant on the same stream.")
+    dd.add_argument("--output-dir", default="runs/drift")
+    dd.add_argument("--scenarios", default="all", help="comma-separated: translation, expansion, shrink, split")
+    dd.add_argument("--methods", default="all", help="comma-separated: ema-online, ns-vq-online, any variant")
+    dd.add_argument("--epochs", type=int, default=20)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=_cmd_demo_drift)
     return p
 
 

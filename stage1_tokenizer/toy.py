@@ -66,6 +66,10 @@ class DriftingStream:
         idx = torch.randint(len(self.points), (self.cfg.batch_size,), generator=self.gen)
         return self.points[idx] + self.theta
 
+    def cloud(self) -> torch.Tensor:
+        """Fresh points from the current distribution, for the final scores."""
+        return base_points(8192, self.gen) + self.theta
+
 
 def _as_map(x: torch.Tensor) -> torch.Tensor:
     return x.T.reshape(1, 2, 1, -1)  # N latents as a (1, D, 1, N) latent map
@@ -76,47 +80,53 @@ def _codes_2d(q) -> torch.Tensor:
     return e[0] if e.dim() == 3 else e  # rvq: its first depth
 
 
-def run_variant(name: str, cfg: ToyConfig) -> dict:
-    """Train one variant on the stream; return its curves, trajectory and final scores."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stream = DriftingStream(cfg, gen)
-    options = {"warmup": cfg.steps // 10} if name.startswith("sf-") else {}
-    q = build_quantizer(name, cfg.num_codes, 2, **options)
+def run_variant(name: str, stream, steps: int, num_codes: int, lr: float, record_every: int = 10, seed: int = 0,
+                learn_encoder: bool = True) -> dict:
+    """Train one variant online on ``stream`` (``batch(step)``, ``cloud()``) between linear maps that start as the
+    identity (learnable when ``learn_encoder``, else fixed); return curves, code trajectory and final scores."""
+    torch.manual_seed(seed)
+    options = {"warmup": steps // 10} if name.startswith("sf-") else {}
+    q = build_quantizer(name, num_codes, 2, **options)
     enc, dec = nn.Linear(2, 2), nn.Linear(2, 2)
     for layer in (enc, dec):
         nn.init.eye_(layer.weight)
         nn.init.zeros_(layer.bias)
+        layer.requires_grad_(learn_encoder)
     params = [p for m in (q, enc, dec) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=lr) if params else None  # EMA with a fixed encoder learns by statistics only
     curve, trajectory = [], []
-    for step in range(cfg.steps):
+    for step in range(steps):
         x = stream.batch(step)
         out = q(_as_map(enc(x)))
         recon = dec(out.quantized.reshape(2, -1).T)
         loss = (recon - x).square().mean() + out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if opt is not None and loss.requires_grad:  # not during SF-DiVeQ's warm-up with a fixed encoder
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         curve.append({"step": step, "usage": out.stats["usage"], "perplexity": out.stats["perplexity"],
                       "loss": loss.item()})
-        if step % cfg.record_every == 0 or step == cfg.steps - 1:
+        if step % record_every == 0 or step == steps - 1:
             with torch.no_grad():
                 trajectory.append(_codes_2d(q).tolist())
     q.eval()
     with torch.no_grad():
-        x = base_points(8192, gen) + stream.theta
+        x = stream.cloud()
         z = _as_map(enc(x))
         out = q(z)
-        counts = code_counts(out.indices, cfg.num_codes)
-        distortion = (out.quantized - z).square().sum(1).mean().item()
-        final = {"usage": usage(counts), "perplexity": perplexity(counts), "distortion": distortion,
-                 "distortion_per_bit": distortion_per_bit(distortion, counts),
-                 "recon_mse": (dec(out.quantized.reshape(2, -1).T) - x).square().mean().item(),
-                 "latents": z.reshape(2, -1).T[:1500].tolist()}
+        final = final_scores(out.indices.reshape(-1), out.quantized.reshape(2, -1).T, z.reshape(2, -1).T, num_codes)
+        final["recon_mse"] = (dec(out.quantized.reshape(2, -1).T) - x).square().mean().item()
     return {"curve": curve, "trajectory": trajectory, "final": final}
+
+
+def final_scores(indices: torch.Tensor, quantized: torch.Tensor, latents: torch.Tensor, num_codes: int) -> dict:
+    """Usage, perplexity, distortion (mean squared quantisation error) and distortion per bit on flat (N, 2) points."""
+    counts = code_counts(indices, num_codes)
+    distortion = (quantized - latents).square().sum(1).mean().item()
+    return {"usage": usage(counts), "perplexity": perplexity(counts), "distortion": distortion,
+            "distortion_per_bit": distortion_per_bit(distortion, counts), "latents": latents[:1500].tolist()}
 
 
 def plot(results: dict, out_dir: Path) -> None:
@@ -187,7 +197,8 @@ def compare(cfg: ToyConfig, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in tqdm(cfg.quantizers, desc="quantizers"):
-        results[name] = run_variant(name, cfg)
+        stream = DriftingStream(cfg, torch.Generator().manual_seed(cfg.seed))
+        results[name] = run_variant(name, stream, cfg.steps, cfg.num_codes, cfg.lr, cfg.record_every, cfg.seed)
     plot(results, out)
     print(write_report(results, cfg, out))
     return results
