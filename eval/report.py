@@ -44,7 +44,7 @@ def read_run(run: Path) -> dict:
             "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation,
             "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
             "last_sample": str(samples[-1]) if samples else None,
-            "sample_grids": {k: g["grid"] for k, g in generation.items() if g.get("grid") and Path(g["grid"]).exists()}}
+            "sample_grids": {k: run / g["grid"] for k, g in generation.items() if g.get("grid") and (run / g["grid"]).exists()}}
 
 
 def run_label(run_dir: str | Path) -> str:

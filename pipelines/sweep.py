@@ -56,6 +56,7 @@ class SweepConfig:
     ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
     sample_batch_size: int = 50
     max_steps: int | None = None  # cap on every training stage (smoke runs)
+    archive: str | None = None  # keep each finished run's results (no weights) here; archived runs are not rerun
 
     def __post_init__(self):
         unknown = [q for q in self.quantizers if q not in QUANTIZERS]
@@ -65,12 +66,13 @@ class SweepConfig:
             raise ValueError("a sweep needs at least one quantizer and one seed")
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
-        """(run name, quantizer, K or None, seed) for every combination."""
+        """(run name, quantizer, K or None, seed) for every combination, seed-major: a study cut short still has
+        every quantizer at its first seed."""
         sizes = self.num_codes or [None]
         out = []
-        for q in self.quantizers:
+        for seed in self.seeds:
             for k in sizes:
-                for seed in self.seeds:
+                for q in self.quantizers:
                     name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
                     out.append((name, q, k, seed))
         return out
@@ -90,6 +92,32 @@ def _cap(cfg, max_steps: int | None):
     if max_steps is not None:
         cfg.train.max_steps = min(cfg.train.max_steps or max_steps, max_steps)
     return cfg
+
+
+ARCHIVED = "ARCHIVED"
+ARCHIVE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "eval_recon.png", "run.json")
+
+
+def archive_run(run: Path, dest: Path) -> Path:
+    """Copy a finished run's results (configs, metrics, evaluation, gFID, grids; no weights) to ``dest``, in the
+    layout the report reads, then mark it complete. Written to a temp folder and renamed, so a kill leaves none."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = run / "tokenizer"
+    for name in ARCHIVE_FILES:
+        if (tok / name).exists():
+            shutil.copyfile(tok / name, tmp / name)
+    generation = json.loads((tok / "generation.json").read_text())
+    for kind, result in generation.items():
+        shutil.copyfile(result["grid"], tmp / f"samples_{kind}.png")
+        result["grid"] = f"samples_{kind}.png"  # relative: read against the archived run's folder
+    (tmp / "generation.json").write_text(json.dumps(generation, indent=2))
+    shutil.copyfile(run / "timings.json", tmp / "timings.json")
+    (tmp / ARCHIVED).write_text(str(run))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 class Sweep:
@@ -187,6 +215,10 @@ class Sweep:
         start = time.time()
         for name, quantizer, num_codes, seed in self.cfg.runs():
             run = self.out / name
+            archived = Path(self.cfg.archive) / name if self.cfg.archive else None
+            if archived is not None and (archived / ARCHIVED).exists():
+                done.append(archived)
+                continue
             try:
                 tok = self.tokenizer(run, quantizer, num_codes, seed)
                 for kind in KINDS:
@@ -199,7 +231,9 @@ class Sweep:
                     (run / "error.txt").write_text(traceback.format_exc())
                 continue
             (run / "error.txt").unlink(missing_ok=True)
-            done.append(run / "tokenizer")
+            if archived is not None and self.state.is_main_process:
+                archive_run(run, archived)
+            done.append(archived if archived is not None else run / "tokenizer")
         seconds = time.time() - start
         if self.state.is_main_process:
             notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "

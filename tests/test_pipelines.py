@@ -215,9 +215,9 @@ SMALL_SWEEP = ["eval_images=8", "gfid_images=8", "sample_batch_size=4",
                "quantizer_options={transvq: {replacement: reservoir}}"]  # transvq cannot: a run that fails
 
 
-def _sweep(out: Path) -> list[str]:
+def _sweep(out: Path, *extra: str, quantizers: str = "vq,transvq,diveq") -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", "sweep", "--output-dir", str(out), "--data", "shapes",
-            "--quantizers", "vq,transvq,diveq", "--max-steps", "6", *SMALL_SWEEP]
+            "--quantizers", quantizers, "--max-steps", "6", *SMALL_SWEEP, *extra]
 
 
 def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
@@ -245,13 +245,30 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
     assert type(loaded).__name__ == "LDMPipeline"
 
 
+def test_archived_runs_are_reported_without_rerunning(tmp_path):
+    """A study resumes across sessions from committed per-run results: archived runs are read, not retrained."""
+    env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
+    archive = tmp_path / "archive"
+    first = subprocess.run(_sweep(tmp_path / "a", f"archive={archive}", quantizers="vq"), env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (archive / "vq" / "ARCHIVED").exists() and not list(archive.rglob("*.safetensors"))
+    second = subprocess.run(_sweep(tmp_path / "b", f"archive={archive}", quantizers="vq"), env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (tmp_path / "b" / "vq").exists(), "an archived run must not be retrained"
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["vq"]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())["vq"]
+    assert a["gpt"] == b["gpt"] and a["rfid"] == b["rfid"]
+    assert (tmp_path / "b" / "grids" / "vq-ldm.png").exists()
+
+
 def test_sweep_under_torchrun_trains_on_both_ranks(tmp_path):
     """Two CPU processes (gloo): training stages see world size 2, the rest runs once on the main process."""
     env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *_sweep(out)[1:]]
-    cmd[cmd.index("vq,transvq,diveq")] = "vq"
+           *_sweep(out, quantizers="vq")[1:]]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     for stage in ("tokenizer", "gpt", "ldm"):
