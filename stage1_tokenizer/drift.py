@@ -190,8 +190,8 @@ def plot_frames(results: dict, kind: str, cfg: DriftConfig, path: Path) -> None:
         row[-1].text(1.02, 0.5, f"usage {f['usage']:.0%}\nD {f['distortion']:.3f}", transform=row[-1].transAxes,
                      fontsize=7, va="center")
     fig.suptitle(f"{kind}: codebook (red) following the drifting data (grey: final cloud)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
