@@ -66,13 +66,13 @@ class SweepConfig:
             raise ValueError("a sweep needs at least one quantizer and one seed")
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
-        """(run name, quantizer, K or None, seed) for every combination, seed-major: a study cut short still has
-        every quantizer at its first seed."""
+        """(run name, quantizer, K or None, seed) for every combination, seed-major then in ``quantizers`` order: a
+        study cut short has its first quantizers at every K for the first seed."""
         sizes = self.num_codes or [None]
         out = []
         for seed in self.seeds:
-            for k in sizes:
-                for q in self.quantizers:
+            for q in self.quantizers:
+                for k in sizes:
                     name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
                     out.append((name, q, k, seed))
         return out
