@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from eval.cli import register_cli as register_fid_cli
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
@@ -93,14 +92,9 @@ def _cmd_train_prior(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pipelines.export import export_gpt, export_ldm
+    from pipelines.export import export_prior
 
-    run = Path(args.prior_dir) / "run.json"
-    kind = json.loads(run.read_text()).get("kind") if run.exists() else None
-    exporter = {"gpt": export_gpt, "ldm": export_ldm}.get(kind)
-    if exporter is None:
-        raise ValueError(f"{args.prior_dir} is not a finished train-prior run")
-    print(f"wrote {exporter(args.prior_dir, args.output_dir)}")
+    print(f"wrote {export_prior(args.prior_dir, args.output_dir)}")
     return 0
 
 

@@ -139,3 +139,15 @@ def export_ldm(prior_dir: str | Path, out_dir: str | Path) -> Path:
     sampling = {"num_inference_steps": cfg["ldm"]["num_inference_steps"], "eta": cfg["ldm"]["eta"]}
     return _save(pipe, out_dir, {**facts, "pipeline": "LDMPipeline", "prior_run": str(prior_dir.resolve()),
                                  "sampling": sampling})
+
+
+def export_prior(prior_dir: str | Path, out_dir: str | Path) -> Path:
+    """The pipeline folder of a finished prior run, whichever its kind."""
+    run = Path(prior_dir) / "run.json"
+    kind = json.loads(run.read_text()).get("kind") if run.exists() else None
+    if kind not in EXPORTERS:
+        raise ValueError(f"{prior_dir} is not a finished train-prior run")
+    return EXPORTERS[kind](prior_dir, out_dir)
+
+
+EXPORTERS = {"gpt": export_gpt, "ldm": export_ldm}

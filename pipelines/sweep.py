@@ -23,17 +23,15 @@ from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.runtime import process_state
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
 from stage1_tokenizer.train import train_tokenizer
-from stage2_prior.codes import load_codes
 from stage2_prior.config import KINDS, load_prior_config
 from stage2_prior.train import train_prior
 
 from .evaluate import evaluate_tokenizer
-from .export import SIDECAR, export_gpt, export_ldm
+from .export import SIDECAR, export_prior
 from .sample import gfid
 
 logger = logging.getLogger(__name__)
 DEFAULT_QUANTIZERS = ["vq", "ema", "simvq", "transvq", "ns-vq", "diveq", "sf-diveq", "rotation"]
-EXPORTERS = {"gpt": export_gpt, "ldm": export_ldm}
 
 
 @dataclass
@@ -169,8 +167,7 @@ class Sweep:
         if not (tok / "eval.json").exists():
             self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok, num_images=self.cfg.eval_images,
                             stats_dir=self.stats_dir)
-        self._main_only(load_codes, tok)
-        return tok
+        return tok  # the code cache is built by the first prior's trainer (on the main process)
 
     def prior(self, run: Path, tok: Path, kind: str, seed: int) -> None:
         prior_dir = run / kind
@@ -187,7 +184,7 @@ class Sweep:
         if not (pipe_dir / "model_index.json").exists():
             tmp = pipe_dir.with_name(f".tmp-{kind}")
             shutil.rmtree(tmp, ignore_errors=True)
-            self._timed(run, f"export_{kind}", EXPORTERS[kind], prior_dir, tmp)
+            self._timed(run, f"export_{kind}", export_prior, prior_dir, tmp)
             shutil.rmtree(pipe_dir, ignore_errors=True)
             tmp.rename(pipe_dir)
         gen_path = tok / "generation.json"

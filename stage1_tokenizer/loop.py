@@ -5,6 +5,7 @@ A stage subclasses :class:`TrainLoop` and supplies the models (``_build``), one 
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from .runtime import (
 logger = logging.getLogger(__name__)
 
 
-class TrainLoop:
+class TrainLoop(abc.ABC):
     """One restartable run: ``cfg.train`` holds batch size, steps, precision, cadences and the seed."""
 
     desc = "train"
@@ -123,8 +124,9 @@ class TrainLoop:
         """Schedules applied before the step; returned values are logged."""
         return {}
 
+    @abc.abstractmethod
     def _step(self, batch, step: int) -> dict:
-        raise NotImplementedError
+        """One micro-batch: forward, backward (``_optimise``); returns the values to log."""
 
     def _after_step(self, step: int, logs: dict) -> None:
         """Extra measurements after the optimiser step (added to ``logs``)."""
@@ -138,8 +140,9 @@ class TrainLoop:
     def _write_samples(self, step: int) -> None:
         """Sample grids and plots (main process only)."""
 
+    @abc.abstractmethod
     def _finish(self, step: int, seconds: float) -> Path:
-        raise NotImplementedError
+        """Write the final weights and run.json; return the weights folder."""
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> Path:

@@ -71,7 +71,7 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
     for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"encoding {run.name}", unit="batch"):
         indices.append(model.tokenize(x.to(device)).cpu())
         labels.append(torch.as_tensor(y))
-    idx = torch.cat(indices)
+    idx, labels = torch.cat(indices), torch.cat(labels).long()
     latents = torch.cat([model.lookup_latents(chunk.to(device)).float().cpu() for chunk in idx.split(batch_size)])
     scaling = float(1.0 / latents.std().clamp_min(1e-8))
     digest = tokenizer_hash(run / "tokenizer")
@@ -79,14 +79,14 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"indices": idx.to(torch.int32).contiguous(), "latents": latents.contiguous(),
-               "labels": torch.cat(labels).long().contiguous()}, str(tmp),
+               "labels": labels.contiguous()}, str(tmp),
               metadata={"tokenizer_hash": digest, "num_codes": str(model.quantize.num_codes),
                         "scaling_factor": repr(scaling), "source": cfg.data.source})
     tmp.replace(path)
     model.register_to_config(scaling_factor=scaling)
     model.save_config(run / "tokenizer")  # the scale travels with the tokenizer (and its export)
     logger.info("cached %d code grids %s (scaling_factor %.4f) in %s", len(idx), tuple(idx.shape[1:]), scaling, path)
-    return read_cache(path)
+    return CodeCache(idx, latents, labels, model.quantize.num_codes, scaling, digest)
 
 
 def read_cache(path: Path) -> CodeCache:

@@ -6,6 +6,7 @@ Both run on stage 1's :class:`~stage1_tokenizer.loop.TrainLoop` (resume, progres
 """
 from __future__ import annotations
 
+import abc
 import copy
 import json
 from pathlib import Path
@@ -50,10 +51,12 @@ class PriorTrainer(TrainLoop):
         if not cfg.tokenizer:
             raise ValueError("set the tokenizer run directory (--tokenizer RUN_DIR or tokenizer=...)")
         super().__init__(cfg, output_dir, resume)
-        if self.acc.is_main_process:  # one process encodes; the others read its cache
-            load_codes(cfg.tokenizer)
+        # one process encodes (when needed) before the others read its cache; before load_run, because
+        # encoding writes the tokenizer's scaling_factor
+        self.codes = load_codes(cfg.tokenizer) if self.acc.is_main_process else None
         self.acc.wait_for_everyone()
-        self.codes = load_codes(cfg.tokenizer)  # before loading: encoding writes the tokenizer's scaling_factor
+        if self.codes is None:
+            self.codes = load_codes(cfg.tokenizer)
         self.tokenizer_cfg, tokenizer = load_run(cfg.tokenizer)
         tokenizer.set_hard_inference(True)
         self.tokenizer = tokenizer.to(self.acc.device).requires_grad_(False)
@@ -71,14 +74,15 @@ class PriorTrainer(TrainLoop):
         self._resume_or_begin(resume)
         self.model.train()
 
+    @abc.abstractmethod
     def _build(self) -> tuple[torch.nn.Module, TensorDataset]:
-        raise NotImplementedError
+        """The model to train and the dataset of code sequences or latents."""
 
     def _register_extra(self) -> None:
         """Further state to checkpoint (the LDM's EMA weights)."""
 
     def _write_grid(self, images: torch.Tensor, step: int) -> None:
-        """Images in [0, 1] -> samples/samples_stepXXXXXXX.png and samples.png (the latest)."""
+        """Images in [0, 1] -> ``samples/samples_step<step>.png`` and ``samples.png`` (the latest)."""
         (self.out / "samples").mkdir(exist_ok=True)
         nrow = max(1, int(len(images) ** 0.5))
         save_image(images, self.out / "samples" / f"samples_step{step:07d}.png", nrow=nrow, padding=1)
