@@ -127,6 +127,15 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) for ``vqgen sweep --shard``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, e.g. 0/2, not {text!r}") from None
+    return index, count  # the range is checked by Sweep
+
+
 def _cmd_sweep(args) -> int:
     from pipelines.sweep import Sweep, load_sweep_config
 
@@ -138,7 +147,7 @@ def _cmd_sweep(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_sweep_config(args.config, overrides)
-    sweep = Sweep(cfg, args.output_dir)
+    sweep = Sweep(cfg, args.output_dir, args.shard)
     result = sweep.run()
     if sweep.state.is_main_process:
         finished, failed = ", ".join(result["finished"]) or "none", ", ".join(result["failed"]) or "none"
@@ -234,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--preset", help="tokenizer preset (default: the sweep preset's, tiny)")
     sw.add_argument("--data", help="mnist | shapes | a folder of images | hf:<dir> (default: the sweep preset's)")
     sw.add_argument("--max-steps", type=int, help="cap every training stage at N steps (smoke runs)")
+    sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                    help="run only every N-th run, starting at run I (0-based), so N sweeps sharing one archive "
+                         "(processes or machines) split a study; each reports every run archived so far")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="sweep config overrides, e.g. gfid_images=500")
     sw.set_defaults(func=_cmd_sweep)
     rp = sub.add_parser("report", help="report.md, results.json and plots from run directories")

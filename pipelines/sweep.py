@@ -121,8 +121,11 @@ def archive_run(run: Path, dest: Path) -> Path:
 class Sweep:
     """Runs the stages of every (quantizer, K, seed) in ``cfg`` under ``out``."""
 
-    def __init__(self, cfg: SweepConfig, out: str | Path):
-        self.cfg, self.out = cfg, Path(out)
+    def __init__(self, cfg: SweepConfig, out: str | Path, shard: tuple[int, int] = (0, 1)):
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+        self.cfg, self.out, self.shard = cfg, Path(out), shard
         self.state = process_state()
         self.stats_dir = self.out / "fid-stats"
 
@@ -210,11 +213,14 @@ class Sweep:
             save_config(self.cfg, self.out / "sweep.yaml")
         failures, done = {}, []
         start = time.time()
-        for name, quantizer, num_codes, seed in self.cfg.runs():
+        index, count = self.shard
+        for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
             run = self.out / name
             archived = Path(self.cfg.archive) / name if self.cfg.archive else None
             if archived is not None and (archived / ARCHIVED).exists():
                 done.append(archived)
+                continue
+            if position % count != index:  # another shard's run (reported above once archived)
                 continue
             try:
                 tok = self.tokenizer(run, quantizer, num_codes, seed)

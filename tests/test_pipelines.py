@@ -263,6 +263,31 @@ def test_archived_runs_are_reported_without_rerunning(tmp_path):
     assert (tmp_path / "b" / "grids" / "vq-ldm.png").exists()
 
 
+def test_shards_split_a_study_and_each_reports_every_archived_run(tmp_path, monkeypatch):
+    """``--shard I/N`` runs every N-th run; two shards over one archive cover the study once between them."""
+    import pipelines.sweep as sweep_mod
+
+    trained, reported = [], {}
+    monkeypatch.setattr(sweep_mod.Sweep, "tokenizer", lambda self, run, q, k, seed: trained.append(run.name) or run)
+    monkeypatch.setattr(sweep_mod.Sweep, "prior", lambda self, run, tok, kind, seed: None)
+    monkeypatch.setattr(sweep_mod, "archive_run", lambda run, dest: (dest.mkdir(parents=True),
+                                                                     (dest / sweep_mod.ARCHIVED).write_text("")))
+    monkeypatch.setattr(sweep_mod, "write_report", lambda done, out, *a: reported.update({out.name: [d.name for d in done]}))
+    cfg = sweep_mod.SweepConfig(quantizers=["vq", "ema", "simvq"], num_codes=[8, 16], seeds=[0],
+                                archive=str(tmp_path / "archive"))
+    names = [name for name, *_ in cfg.runs()]
+    sweep_mod.Sweep(cfg, tmp_path / "first", shard=(0, 2)).run()
+    assert trained == names[0::2] and reported["first"] == names[0::2]
+    sweep_mod.Sweep(cfg, tmp_path / "second", shard=(1, 2)).run()
+    assert trained == names[0::2] + names[1::2], "each run is trained by exactly one shard"
+    assert sorted(reported["second"]) == sorted(names), "a shard reports the other shards' archived runs too"
+    with pytest.raises(ValueError, match="shard 2/2"):
+        sweep_mod.Sweep(cfg, tmp_path / "bad", shard=(2, 2))
+    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", "--shard", "half"], capture_output=True,
+                         text=True, env=subprocess_env())
+    assert bad.returncode == 2 and "--shard takes I/N" in bad.stderr
+
+
 def test_sweep_under_torchrun_trains_on_both_ranks(tmp_path):
     """Two CPU processes (gloo): training stages see world size 2, the rest runs once on the main process."""
     env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
