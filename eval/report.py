@@ -40,7 +40,10 @@ def read_run(run: Path) -> dict:
     for kind, result in generation.items():
         evaluation[f"{kind}_gfid"] = result.get("gfid")
     q = cfg.get("quantizer", {})
-    return {"dir": str(run), "quantizer": q.get("name", "?"), "num_codes": q.get("num_codes"),
+    freeze_at = (cfg.get("schedule") or {}).get("freeze_encoder_at")
+    variant = q.get("name", "?") + (f" (encoder frozen @{freeze_at})" if freeze_at is not None else "")
+    return {"dir": str(run), "quantizer": q.get("name", "?"), "variant": variant, "freeze_at": freeze_at,
+            "num_codes": q.get("num_codes"),
             "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation,
             "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
             "last_sample": str(samples[-1]) if samples else None,
@@ -60,15 +63,24 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarise(runs: list[dict]) -> dict:
-    """{group: {metric: {mean, std, n}}} with group ``quantizer`` (``quantizer K=...`` when sizes differ)."""
-    sizes = {r["num_codes"] for r in runs}
+def group_key(run: dict, by_size: bool) -> str:
+    """Runs that differ only in seed share a group: the variant (quantizer + staged schedule), and K if asked."""
+    return f"{run['variant']} K={run['num_codes']}" if by_size else run["variant"]
+
+
+def _groups(runs: list[dict], by_size: bool) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        key = r["quantizer"] if len(sizes) == 1 else f"{r['quantizer']} K={r['num_codes']}"
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(group_key(r, by_size), []).append(r)
+    return groups
+
+
+def summarise(runs: list[dict], by_size: bool | None = None) -> dict:
+    """{group: {metric: {mean, std, n}}} with group ``variant`` (``variant K=...`` when sizes differ)."""
+    if by_size is None:
+        by_size = len({r["num_codes"] for r in runs}) > 1
     out = {}
-    for key, members in groups.items():
+    for key, members in _groups(runs, by_size).items():
         entry = {"runs": [m["dir"] for m in members], "num_codes": members[0]["num_codes"]}
         for metric, _, _ in METRICS:
             vals = [m["eval"].get(metric) for m in members if metric in m["eval"]]
@@ -97,24 +109,35 @@ def table(summary: dict) -> str:
 
 
 def _plot_curves(runs: list[dict], key: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> bool:
+    """One panel per codebook size, one line per variant: the mean over its seeds, shaded from min to max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(r, [c for c in r["curves"] if key in c]) for r in runs]
-    series = [(r, pts) for r, pts in series if pts]
-    if not series:
+    runs = [r for r in runs if any(key in c for c in r["curves"])]
+    if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    for r, pts in series:
-        label = r["quantizer"] + (f" s{r['seed']}" if r["seed"] is not None and len(runs) > len({x['quantizer'] for x in runs}) else "")
-        ax.plot([p["step"] for p in pts], [scale * p[key] for p in pts], label=label, lw=1.1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    sizes = sorted({r["num_codes"] for r in runs}, key=lambda k: (k is None, k))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(8 * len(sizes), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], sizes):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        for variant, members in _groups([r for r in runs if r["num_codes"] == k], by_size=False).items():
+            by_step: dict[int, list[float]] = {}
+            for r in members:
+                for c in r["curves"]:
+                    if key in c:
+                        by_step.setdefault(c["step"], []).append(scale * c[key])
+            steps = sorted(by_step)
+            line, = ax.plot(steps, [statistics.fmean(by_step[t]) for t in steps], lw=1.1,
+                            label=variant + (f" ({len(members)} seeds)" if len(members) > 1 else ""))
+            if len(members) > 1:
+                ax.fill_between(steps, [min(by_step[t]) for t in steps], [max(by_step[t]) for t in steps],
+                                color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + (f", K = {k}" if k else ""))
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -149,7 +172,8 @@ def _plot_histograms(runs: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_counts = [r for r in runs if r["eval"].get("code_counts")]
+    with_counts = [_first(members) for members in _groups(runs, by_size=True).values()]
+    with_counts = [r for r in with_counts if r["eval"].get("code_counts")]
     if not with_counts:
         return False
     cols = min(4, len(with_counts))
@@ -160,16 +184,32 @@ def _plot_histograms(runs: list[dict], path: Path) -> bool:
         total = sum(counts) or 1
         ax.bar(range(len(counts)), [c / total for c in counts], width=1.0, color="tab:green")
         ax.set_yscale("log")
-        ax.set_title(f"{r['quantizer']} (usage {r['eval'].get('usage', float('nan')):.0%})", fontsize=9)
+        ax.set_title(f"{group_key(r, True)} (usage {r['eval'].get('usage', float('nan')):.0%})", fontsize=8)
         ax.set_xlabel("code rank")
         ax.set_ylabel("frequency")
     for ax in list(axes.flat)[len(with_counts):]:
         ax.axis("off")
-    fig.suptitle("Code frequencies on the evaluation set, sorted")
+    fig.suptitle("Code frequencies on the evaluation set, sorted (first seed of each variant)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _first(members: list[dict]) -> dict:
+    """The run of a group whose grids the report shows: the lowest seed."""
+    return min(members, key=lambda r: (r["seed"] is None, r["seed"] or 0))
+
+
+def _shown(src: Path, out: Path, name: str) -> str:
+    """A grid's link in report.md: in place when it lies inside the report's folder (an archive under it),
+    else copied to ``grids/`` so the report travels on its own."""
+    src = src.resolve()
+    if src.is_relative_to(out.resolve()):
+        return src.relative_to(out.resolve()).as_posix()
+    (out / "grids").mkdir(exist_ok=True)
+    shutil.copyfile(src, out / "grids" / name)
+    return f"grids/{name}"
 
 
 def nested(summary: dict) -> dict:
@@ -210,21 +250,16 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             plots.append(f"{metric}_per_quantizer.png")
     if _plot_histograms(runs, out / "code_frequencies.png"):
         plots.append("code_frequencies.png")
-    grids = []
-    (out / "grids").mkdir(exist_ok=True)
-    for r in runs:
+    grids, samples = [], []
+    for key, members in _groups(runs, by_size=True).items():  # one run per variant and K: the first seed
+        r = _first(members)
         src = r["eval_grid"] or r["last_sample"]
         if src:
-            dst = out / "grids" / f"{run_label(r['dir'])}.png"
-            shutil.copyfile(src, dst)
-            grids.append((r["quantizer"], dst.relative_to(out)))
-    samples = []
-    for r in runs:
+            grids.append((key, _shown(Path(src), out, f"{run_label(r['dir'])}.png")))
         for kind, src in sorted(r["sample_grids"].items()):
-            dst = out / "grids" / f"{run_label(r['dir'])}-{kind}.png"
-            shutil.copyfile(src, dst)
-            samples.append((f"{r['quantizer']} / {kind}", dst.relative_to(out)))
-    text = [f"# {title}", "", *(notes or []), f"{len(runs)} run(s). Mean ± std over runs of the same quantizer.", "",
+            samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
+    text = [f"# {title}", "", *(notes or []),
+            f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
             table(summary) if runs else "(no finished runs)", ""]
     if failures:
         text += ["## Failed", "", *(f"- **{name}**: {error}" for name, error in failures.items()), ""]

@@ -164,6 +164,13 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_claims(args) -> int:
+    from eval.claims import write_claims
+
+    print(f"wrote {write_claims(args.run_dirs, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqgen", description="Which vector quantizer makes the best image tokenizer?")
     sub = p.add_subparsers(dest="command", required=True)
@@ -253,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output-dir", required=True)
     rp.add_argument("--title", default="Tokenizer comparison")
     rp.set_defaults(func=_cmd_report)
+    cl = sub.add_parser("claims", help="the papers' claims (Beyond Stationarity, DiVeQ, NSVQ 2026) against run results",
+                        description="Compare variants at equal K over seeds (Welch's t-test) for the study's three "
+                                    "claims; write a markdown table.")
+    cl.add_argument("run_dirs", nargs="+", help="evaluated run directories, e.g. docs/study/runs/*")
+    cl.add_argument("--output", required=True, help="markdown file to write, e.g. docs/study/claims.md")
+    cl.set_defaults(func=_cmd_claims)
     register_fid_cli(sub)
     demo = sub.add_parser("demo", help="small demonstrations that run in minutes on a CPU")
     demo_sub = demo.add_subparsers(dest="demo", required=True)

@@ -1,0 +1,109 @@
+"""The claims table (issue 8) and the report's grouping of staged runs, on synthetic archived runs."""
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eval.claims import Claims, compare, write_claims
+from eval.report import write_report
+from pipelines.cli import main
+
+
+def fake_run(root: Path, quantizer: str, k: int, seed: int, freeze_at: int | None = None, drift: float = 0.5,
+             replaced: int | None = None, **metrics) -> Path:
+    """An archived run as the sweep leaves it: config, metrics curve, eval.json, generation.json."""
+    name = f"{quantizer}{'-staged' if freeze_at else ''}-K{k}-s{seed}"
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"quantizer": {"name": quantizer, "num_codes": k}, "train": {"seed": seed},
+           "schedule": {"freeze_encoder_at": freeze_at}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    curve = []
+    for step in range(0, 400, 10):
+        row = {"step": step, "usage": 0.5, "drift": 0.0 if freeze_at and step >= freeze_at else drift}
+        if replaced is not None:
+            row["replaced_total"] = replaced * step // 390
+        curve.append(row)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve))
+    defaults = {"rfid": 100.0, "lpips_vgg": 0.1, "psnr": 20.0, "ssim": 0.8, "usage": 0.5}
+    (run / "eval.json").write_text(json.dumps({**defaults, **metrics}))
+    (run / "generation.json").write_text(json.dumps({"gpt": {"gfid": 150.0 + seed}, "ldm": {"gfid": 160.0}}))
+    return run
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Welch's two-sided t-test, computed independently of scipy's from-stats helper."""
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def cell(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def test_compare_marks_only_significant_differences_and_respects_direction():
+    low, high = [10.0, 11.0, 12.0], [20.0, 21.0, 23.0]
+    better = compare(cell(low), cell(high), "rfid")  # rFID: lower is better
+    assert better["mark"] == "✓" and better["delta"] == pytest.approx(-31 / 3)
+    assert better["p"] == pytest.approx(welch_p(low, high))
+    assert compare(cell(low), cell(high), "psnr")["mark"] == "✗"  # PSNR: higher is better
+    close = compare(cell([10.0, 12.0, 14.0]), cell([11.0, 13.0, 15.0]), "rfid")
+    assert close["mark"] == "≈" and close["p"] == pytest.approx(welch_p([10, 12, 14], [11, 13, 15]))
+    one_seed = compare(cell([10.0]), cell(high), "rfid")
+    assert one_seed["mark"] == "?" and one_seed["p"] is None and one_seed["better"]
+    assert compare(None, cell(high), "rfid") is None
+    assert math.isclose(compare(cell([1.0, 1.0]), cell([2.0, 2.0]), "rfid")["p"], 0.0)
+
+
+def test_claims_tables_from_archived_runs(tmp_path):
+    runs = []
+    for seed, jitter in enumerate((0.0, 1.0, -1.0)):
+        runs.append(fake_run(tmp_path, "vq", 512, seed, usage=0.05, rfid=170 + jitter, replaced=0))
+        runs.append(fake_run(tmp_path, "simvq", 512, seed, usage=0.7, rfid=150 + jitter))
+        runs.append(fake_run(tmp_path, "transvq", 512, seed, usage=0.95, rfid=120 + jitter))
+        runs.append(fake_run(tmp_path, "ns-vq", 512, seed, usage=0.3, rfid=150.5 + 3 * jitter, drift=0.4))
+        runs.append(fake_run(tmp_path, "diveq", 512, seed, rfid=140 + jitter, psnr=26 + jitter, replaced=12))
+        runs.append(fake_run(tmp_path, "sf-diveq", 512, seed, rfid=180 + jitter, usage=0.8))
+        runs.append(fake_run(tmp_path, "ns-vq", 512, seed, freeze_at=240, rfid=140 + jitter))
+    runs.append(fake_run(tmp_path, "ema", 512, 0, rfid=150.0))
+    claims = Claims(runs)
+    text = claims.markdown()
+    assert "22 runs, seeds [0, 1, 2]" in text
+    lines = text.splitlines()
+    row = next(line for line in lines if line.startswith("| 512 | transvq |"))
+    assert "yes" in row and "✓" in row  # near-full usage; rFID significantly below SimVQ's
+    assert "collapsed" in next(line for line in lines if line.startswith("| 512 | vq |"))
+    assert "≈" in next(line for line in lines if line.startswith("| 512 | ns-vq |"))
+    rfid_row = next(line for line in lines if line.startswith("| 512 | rFID | diveq |")).split("|")
+    assert rfid_row[4].strip().startswith("-30.00 ✓")  # vs vq
+    assert rfid_row[5].strip().startswith("-10.00 ?")  # vs ema: one run, no test
+    assert rfid_row[6].strip() == "-"  # rotation not run
+    assert next(line for line in lines if line.startswith("| 512 | rFID | sf-diveq |")).split("|")[4].strip().endswith("✗")
+    assert "| 512 | diveq | 12 |" in text and "| 512 | vq | 0 |" in text
+    assert "| 512 | sf-diveq | 0 (no replacement) |" in text
+    staged = next(line for line in lines if line.startswith("| 512 | ns-vq (encoder frozen @240) |"))
+    assert "✓" in staged and staged.rstrip(" |").endswith("| 0 | 0.4")  # drift after the freeze vs plain ns-vq
+    out = write_claims(runs, tmp_path / "docs" / "claims.md")
+    assert out.read_text() == text
+    assert main(["claims", *map(str, runs), "--output", str(tmp_path / "cli.md")]) == 0
+    assert (tmp_path / "cli.md").read_text() == text
+
+
+def test_report_keeps_staged_runs_apart_and_links_archived_grids_in_place(tmp_path):
+    archive = tmp_path / "study" / "runs"
+    runs = [fake_run(archive, "ns-vq", 512, s, rfid=150.0 + s) for s in (0, 1)]
+    runs += [fake_run(archive, "ns-vq", 512, s, freeze_at=240, rfid=140.0 + s) for s in (0, 1)]
+    for r in runs:
+        (r / "eval_recon.png").write_bytes(b"png")
+    summary = write_report(runs, tmp_path / "study")
+    assert summary["ns-vq"]["rfid"]["mean"] == 150.5 and summary["ns-vq (encoder frozen @240)"]["rfid"]["n"] == 2
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "](runs/ns-vq-K512-s0/eval_recon.png)" in text and "s1/eval_recon.png" not in text
+    assert not (tmp_path / "study" / "grids").exists(), "grids inside the report folder are linked, not copied"
+    elsewhere = write_report(runs, tmp_path / "elsewhere")
+    assert elsewhere == summary and (tmp_path / "elsewhere" / "grids" / "ns-vq-K512-s0.png").exists()
