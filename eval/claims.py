@@ -42,11 +42,12 @@ def compare(a: dict | None, b: dict | None, metric: str) -> dict | None:
     return {"delta": delta, "p": p, "mark": mark, "better": better}
 
 
-def _cell(c: dict | None, digits: int = 2) -> str:
+def _cell(c: dict | None, digits: int = 2, percent: bool = False) -> str:
     if c is None:
         return "-"
-    mu, sd = c["mean"], c["std"]
-    return f"{mu:.{digits}f} ± {sd:.{digits}f} (n={c['n']})" if c["n"] > 1 else f"{mu:.{digits}f} (n=1)"
+    scale, unit = (100, "%") if percent else (1, "")
+    mu, sd = scale * c["mean"], scale * c["std"]
+    return f"{mu:.{digits}f}{unit} ± {sd:.{digits}f} (n={c['n']})" if c["n"] > 1 else f"{mu:.{digits}f}{unit} (n=1)"
 
 
 def _verdict(v: dict | None) -> str:
@@ -96,7 +97,7 @@ class Claims:
                 state = "-" if usage is None else ("yes" if usage["mean"] >= NEAR_FULL else
                                                    "collapsed" if usage["mean"] < COLLAPSED else "no")
                 versus = "" if v == "simvq" else _verdict(compare(self.cell(v, k, "rfid"), self.cell("simvq", k, "rfid"), "rfid"))
-                out.append(f"| {k} | {v} | {_cell(usage, 4)} | {state} | {_cell(self.cell(v, k, 'rfid'))} | {versus} |")
+                out.append(f"| {k} | {v} | {_cell(usage, 1, percent=True)} | {state} | {_cell(self.cell(v, k, 'rfid'))} | {versus} |")
         return out + [""]
 
     def claim2(self) -> list[str]:
@@ -128,7 +129,7 @@ class Claims:
                 counts = [n for n in (_replaced(r) for r in self.members(v, k)) if n is not None]
                 replaced = f"{sum(counts) / len(counts):.0f}" if counts else "0 (no replacement)"
                 if self.members(v, k):
-                    out.append(f"| {k} | {v} | {replaced} | {_cell(self.cell(v, k, 'usage'), 4)} |")
+                    out.append(f"| {k} | {v} | {replaced} | {_cell(self.cell(v, k, 'usage'), 1, percent=True)} |")
         return out + [""]
 
     def claim3(self) -> list[str]:
@@ -156,17 +157,45 @@ class Claims:
                            f"{drift[0]:.4g} | {drift_plain[0]:.4g} |")
         return out + [""]
 
+    def plot(self, path: Path) -> None:
+        """rFID against codebook usage, one panel per K, a point per variant with its std over seeds."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self.sizes), figsize=(7 * len(self.sizes), 5), squeeze=False)
+        for ax, k in zip(axes[0], self.sizes):
+            for key, entry in self.summary.items():
+                usage, rfid = entry.get("usage"), entry.get("rfid")
+                if entry["num_codes"] != k or not usage or not rfid:
+                    continue
+                ax.errorbar(100 * usage["mean"], rfid["mean"], xerr=100 * usage["std"], yerr=rfid["std"], fmt="o",
+                            capsize=3)
+                ax.annotate(key.rsplit(" K=", 1)[0], (100 * usage["mean"], rfid["mean"]), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+            ax.set_xlabel("codebook usage on held-out images (%)")
+            ax.set_ylabel("rFID (lower is better)")
+            ax.set_title(f"K = {k}: reconstruction against usage (mean ± std over seeds)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
     def markdown(self) -> str:
         seeds = sorted({r["seed"] for r in self.runs if r["seed"] is not None})
         head = ["# The papers' claims against our runs", "",
-                f"{len(self.runs)} runs, seeds {seeds}, K in {self.sizes}. A difference counts when Welch's t-test "
+                f"{len(self.runs)} run(s), seeds {seeds}, K in {self.sizes}. A difference counts when Welch's t-test "
                 f"over seeds gives p < {ALPHA}; with one run on a side only its direction is shown. Same rules "
                 "for every variant; no variant was tuned.", ""]
         return "\n".join(head + self.claim1() + self.claim2() + self.claim3())
 
 
 def write_claims(run_dirs: list[str | Path], output: str | Path) -> Path:
+    """``output`` (markdown) and, beside it, ``<stem>.png``: rFID against usage per variant."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(Claims(run_dirs).markdown())
+    claims = Claims(run_dirs)
+    figure = output.with_suffix(".png")
+    claims.plot(figure)
+    output.write_text(claims.markdown() + f"\n![rFID against usage]({figure.name})\n")
     return output

@@ -73,7 +73,7 @@ def test_claims_tables_from_archived_runs(tmp_path):
     runs.append(fake_run(tmp_path, "ema", 512, 0, rfid=150.0))
     claims = Claims(runs)
     text = claims.markdown()
-    assert "22 runs, seeds [0, 1, 2]" in text
+    assert "22 run(s), seeds [0, 1, 2]" in text
     lines = text.splitlines()
     row = next(line for line in lines if line.startswith("| 512 | transvq |"))
     assert "yes" in row and "✓" in row  # near-full usage; rFID significantly below SimVQ's
@@ -89,9 +89,10 @@ def test_claims_tables_from_archived_runs(tmp_path):
     staged = next(line for line in lines if line.startswith("| 512 | ns-vq (encoder frozen @240) |"))
     assert "✓" in staged and staged.rstrip(" |").endswith("| 0 | 0.4")  # drift after the freeze vs plain ns-vq
     out = write_claims(runs, tmp_path / "docs" / "claims.md")
-    assert out.read_text() == text
+    assert out.read_text().startswith(text) and "![rFID against usage](claims.png)" in out.read_text()
+    assert (tmp_path / "docs" / "claims.png").stat().st_size > 5000
     assert main(["claims", *map(str, runs), "--output", str(tmp_path / "cli.md")]) == 0
-    assert (tmp_path / "cli.md").read_text() == text
+    assert (tmp_path / "cli.md").read_text() == out.read_text().replace("claims.png", "cli.png")
 
 
 def test_report_keeps_staged_runs_apart_and_links_archived_grids_in_place(tmp_path):
