@@ -75,10 +75,8 @@ def _groups(runs: list[dict], by_size: bool) -> dict[str, list[dict]]:
     return groups
 
 
-def summarise(runs: list[dict], by_size: bool | None = None) -> dict:
-    """{group: {metric: {mean, std, n}}} with group ``variant`` (``variant K=...`` when sizes differ)."""
-    if by_size is None:
-        by_size = len({r["num_codes"] for r in runs}) > 1
+def summarise(runs: list[dict], by_size: bool) -> dict:
+    """{group: {metric: {mean, std, n}}} with group ``variant``, or ``variant K=...`` with ``by_size``."""
     out = {}
     for key, members in _groups(runs, by_size).items():
         entry = {"runs": [m["dir"] for m in members], "num_codes": members[0]["num_codes"]}
@@ -166,13 +164,13 @@ def _plot_bars(summary: dict, metric: str, title: str, path: Path) -> bool:
     return True
 
 
-def _plot_histograms(runs: list[dict], path: Path) -> bool:
+def _plot_histograms(runs: list[dict], by_size: bool, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_counts = [_first(members) for members in _groups(runs, by_size=True).values()]
+    with_counts = [_first(members) for members in _groups(runs, by_size).values()]
     with_counts = [r for r in with_counts if r["eval"].get("code_counts")]
     if not with_counts:
         return False
@@ -184,7 +182,7 @@ def _plot_histograms(runs: list[dict], path: Path) -> bool:
         total = sum(counts) or 1
         ax.bar(range(len(counts)), [c / total for c in counts], width=1.0, color="tab:green")
         ax.set_yscale("log")
-        ax.set_title(f"{group_key(r, True)} (usage {r['eval'].get('usage', float('nan')):.0%})", fontsize=8)
+        ax.set_title(f"{group_key(r, by_size)} (usage {r['eval'].get('usage', float('nan')):.0%})", fontsize=8)
         ax.set_xlabel("code rank")
         ax.set_ylabel("frequency")
     for ax in list(axes.flat)[len(with_counts):]:
@@ -236,7 +234,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_run(Path(d)) for d in run_dirs]
-    summary = summarise(runs)
+    by_size = len({r["num_codes"] for r in runs}) > 1  # name groups by K only when sizes differ
+    summary = summarise(runs, by_size)
     plots = []
     for name, key, ylabel, scale in (("usage_curves.png", "usage", "codes used in batch (%)", 100.0),
                                      ("perplexity_curves.png", "perplexity", "batch perplexity", 1.0),
@@ -248,10 +247,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
                           ("gpt_gfid", "gFID (GPT prior)"), ("ldm_gfid", "gFID (LDM prior)")):
         if _plot_bars(summary, metric, label, out / f"{metric}_per_quantizer.png"):
             plots.append(f"{metric}_per_quantizer.png")
-    if _plot_histograms(runs, out / "code_frequencies.png"):
+    if _plot_histograms(runs, by_size, out / "code_frequencies.png"):
         plots.append("code_frequencies.png")
     grids, samples = [], []
-    for key, members in _groups(runs, by_size=True).items():  # one run per variant and K: the first seed
+    for key, members in _groups(runs, by_size).items():  # one run per variant (and K): the first seed
         r = _first(members)
         src = r["eval_grid"] or r["last_sample"]
         if src:

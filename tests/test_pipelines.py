@@ -1,6 +1,7 @@
 """Export to stock diffusers, the GPT pipeline, sampling, gFID, Hub publishing and the sweep end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -239,8 +240,10 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
     assert "reservoir" in results["transvq"]["error"] and (out / "transvq" / "error.txt").exists()
     report = (out / "report.md").read_text()
     assert "## Failed" in report and "transvq" in report and "gFID GPT" in report
-    for png in ("gpt_gfid_per_quantizer.png", "rfid_per_quantizer.png", "usage_curves.png", "grids/vq-gpt.png"):
+    for png in ("gpt_gfid_per_quantizer.png", "rfid_per_quantizer.png", "usage_curves.png"):
         assert (out / png).exists(), png
+    sample_grid = re.search(r"!\[vq / gpt\]\(([^)]+)\)", report).group(1)  # inside the sweep folder: linked in place
+    assert not sample_grid.startswith("grids/") and (out / sample_grid).exists()
     loaded = DiffusionPipeline.from_pretrained(out / "vq" / "pipelines" / "ldm")
     assert type(loaded).__name__ == "LDMPipeline"
 
