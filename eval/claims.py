@@ -31,7 +31,7 @@ def compare(a: dict | None, b: dict | None, metric: str) -> dict | None:
     if not a or not b or math.isnan(a["mean"]) or math.isnan(b["mean"]):
         return None
     delta = a["mean"] - b["mean"]
-    better = delta < 0 if DIRECTION[metric] == "lower" else delta > 0
+    better = (delta < 0 if DIRECTION[metric] == "lower" else delta > 0) and not math.isclose(a["mean"], b["mean"])
     if min(a["n"], b["n"]) < 2:
         return {"delta": delta, "p": None, "mark": "?", "better": better}
     if a["std"] == 0 and b["std"] == 0:  # identical seeds on both sides: any difference is exact
@@ -107,7 +107,7 @@ class Claims:
                "difference, ? one run).", "",
                "| K | metric | variant | " + " | ".join(DIVEQ_BASELINES) + " |",
                "|---:|---|---|" + "---|" * len(DIVEQ_BASELINES)]
-        tally = {v: {"✓": 0, "✗": 0, "≈": 0, "?": 0} for v in DIVEQ}
+        tally = {v: {"✓": 0, "✗": 0, "≈": 0, "?": 0, "?better": 0} for v in DIVEQ}
         for k in self.sizes:
             for metric in RECON_METRICS:
                 for v in DIVEQ:
@@ -116,12 +116,14 @@ class Claims:
                         c = compare(self.cell(v, k, metric), self.cell(base, k, metric), metric)
                         if c is not None:
                             tally[v][c["mark"]] += 1
+                            tally[v]["?better"] += c["mark"] == "?" and c["better"]
                         cells.append("-" if c is None else f"{c['delta']:+.{_digits(metric)}f} {c['mark']}")
                     out.append(f"| {k} | {TITLE[metric]} | {v} | " + " | ".join(cells) + " |")
         out.append("")
         for v, t in tally.items():
             out.append(f"- **{v}**: better in {t['✓']}, worse in {t['✗']}, no significant difference in {t['≈']} "
-                       f"of the tested comparisons; {t['?']} untested (one run).")
+                       f"of the tested comparisons; {t['?']} untested (one run), of which {t['?better']} "
+                       f"point its way.")
         out += ["", "Codes replaced during training (`replaced_total`, mean over runs) and held-out usage:", "",
                 "| K | variant | replaced codes | usage |", "|---:|---|---:|---:|"]
         for k in self.sizes:

@@ -84,6 +84,7 @@ def test_claims_tables_from_archived_runs(tmp_path):
     assert rfid_row[5].strip().startswith("-10.00 ?")  # vs ema: one run, no test
     assert rfid_row[6].strip() == "-"  # rotation not run
     assert next(line for line in lines if line.startswith("| 512 | rFID | sf-diveq |")).split("|")[4].strip().endswith("✗")
+    assert "untested (one run), of which 2 point its way" in text  # diveq vs ema: rFID and PSNR; LPIPS, SSIM equal
     assert "| 512 | diveq | 12 |" in text and "| 512 | vq | 0 |" in text
     assert "| 512 | sf-diveq | 0 (no replacement) |" in text
     staged = next(line for line in lines if line.startswith("| 512 | ns-vq (encoder frozen @240) |"))
