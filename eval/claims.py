@@ -62,8 +62,8 @@ def _digits(metric: str) -> int:
 
 
 def _drift_after(run: dict, step: int) -> float | None:
-    """Mean encoder drift per step logged at or after ``step``."""
-    vals = [r["drift"] for r in run["curves"] if "drift" in r and r.get("step", 0) >= step]
+    """Mean encoder drift per step logged after ``step`` (a reading at step s covers the steps just before s)."""
+    vals = [r["drift"] for r in run["curves"] if "drift" in r and r.get("step", 0) > step]
     return sum(vals) / len(vals) if vals else None
 
 
