@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind_from_stats
 
-from .report import METRICS, group_key, mean_std, read_run, summarise
+from .report import METRICS, group_key, groups, mean_std, read_run, summarise
 
 ALPHA = 0.05
 NEAR_FULL = 0.9  # "near-full codebook usage": at least 90% of the codes used on the held-out set
@@ -78,13 +78,14 @@ class Claims:
     def __init__(self, run_dirs: list[str | Path]):
         self.runs = [read_run(Path(d)) for d in run_dirs]
         self.summary = summarise(self.runs, by_size=True)
+        self.groups = groups(self.runs, by_size=True)
         self.sizes = sorted({r["num_codes"] for r in self.runs if r["num_codes"]})
 
     def cell(self, variant: str, k: int, metric: str) -> dict | None:
         return self.summary.get(f"{variant} K={k}", {}).get(metric)
 
     def members(self, variant: str, k: int) -> list[dict]:
-        return [r for r in self.runs if group_key(r, by_size=True) == f"{variant} K={k}"]
+        return self.groups.get(f"{variant} K={k}", [])
 
     def claim1(self) -> list[str]:
         out = ["## Claim 1 (Beyond Stationarity): NS-VQ and TransVQ keep near-full usage at large K where vq "
@@ -140,7 +141,7 @@ class Claims:
                "over SimVQ at equal K", ""]
         if not staged:
             return out + ["Not run (no run with a frozen-encoder schedule).", ""]
-        out += ["Drift: mean encoder drift per step (fixed probe batch) from the freeze step on, against the same "
+        out += ["Drift: mean encoder drift per step (fixed probe batch) after the freeze step, against the same "
                 "variant trained without the schedule over the same steps.", "",
                 "| K | variant | rFID | rFID vs SimVQ | drift after freeze | same steps, no schedule |",
                 "|---:|---|---:|---|---:|---:|"]

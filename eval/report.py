@@ -68,17 +68,18 @@ def group_key(run: dict, by_size: bool) -> str:
     return f"{run['variant']} K={run['num_codes']}" if by_size else run["variant"]
 
 
-def _groups(runs: list[dict], by_size: bool) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
+def groups(runs: list[dict], by_size: bool) -> dict[str, list[dict]]:
+    """{group_key: runs}, in the runs' order."""
+    out: dict[str, list[dict]] = {}
     for r in runs:
-        groups.setdefault(group_key(r, by_size), []).append(r)
-    return groups
+        out.setdefault(group_key(r, by_size), []).append(r)
+    return out
 
 
 def summarise(runs: list[dict], by_size: bool) -> dict:
     """{group: {metric: {mean, std, n}}} with group ``variant``, or ``variant K=...`` with ``by_size``."""
     out = {}
-    for key, members in _groups(runs, by_size).items():
+    for key, members in groups(runs, by_size).items():
         entry = {"runs": [m["dir"] for m in members], "num_codes": members[0]["num_codes"]}
         for metric, _, _ in METRICS:
             vals = [m["eval"].get(metric) for m in members if metric in m["eval"]]
@@ -120,7 +121,7 @@ def _plot_curves(runs: list[dict], key: str, ylabel: str, title: str, path: Path
     fig, axes = plt.subplots(1, len(sizes), figsize=(8 * len(sizes), 4.5), squeeze=False)
     for ax, k in zip(axes[0], sizes):
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
-        for variant, members in _groups([r for r in runs if r["num_codes"] == k], by_size=False).items():
+        for variant, members in groups([r for r in runs if r["num_codes"] == k], by_size=False).items():
             by_step: dict[int, list[float]] = {}
             for r in members:
                 for c in r["curves"]:
@@ -170,7 +171,7 @@ def _plot_histograms(runs: list[dict], by_size: bool, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_counts = [_first(members) for members in _groups(runs, by_size).values()]
+    with_counts = [_first(members) for members in groups(runs, by_size).values()]
     with_counts = [r for r in with_counts if r["eval"].get("code_counts")]
     if not with_counts:
         return False
@@ -250,7 +251,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     if _plot_histograms(runs, by_size, out / "code_frequencies.png"):
         plots.append("code_frequencies.png")
     grids, samples = [], []
-    for key, members in _groups(runs, by_size).items():  # one run per variant (and K): the first seed
+    for key, members in groups(runs, by_size).items():  # one run per variant (and K): the first seed
         r = _first(members)
         src = r["eval_grid"] or r["last_sample"]
         if src:
