@@ -211,7 +211,7 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
-        failures, done = {}, []
+        failures, done, finished = {}, [], []
         start = time.time()
         index, count = self.shard
         for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
@@ -219,6 +219,7 @@ class Sweep:
             archived = Path(self.cfg.archive) / name if self.cfg.archive else None
             if archived is not None and (archived / ARCHIVED).exists():
                 done.append(archived)
+                finished.append(name)
                 continue
             if position % count != index:  # another shard's run (reported above once archived)
                 continue
@@ -237,6 +238,7 @@ class Sweep:
             if archived is not None and self.state.is_main_process:
                 archive_run(run, archived)
             done.append(archived if archived is not None else run / "tokenizer")
+            finished.append(name)
         seconds = time.time() - start
         if self.state.is_main_process:
             notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
@@ -247,4 +249,4 @@ class Sweep:
             write_report(done, self.out, "vqgen sweep: which quantizer makes the best tokenizer for generation?",
                          failures, notes)
         self.state.wait_for_everyone()
-        return {"finished": [str(d.parent.name) for d in done], "failed": failures, "seconds": seconds}
+        return {"finished": finished, "failed": failures, "seconds": seconds}

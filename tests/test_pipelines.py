@@ -281,7 +281,8 @@ def test_shards_split_a_study_and_each_reports_every_archived_run(tmp_path, monk
     names = [name for name, *_ in cfg.runs()]
     sweep_mod.Sweep(cfg, tmp_path / "first", shard=(0, 2)).run()
     assert trained == names[0::2] and reported["first"] == names[0::2]
-    sweep_mod.Sweep(cfg, tmp_path / "second", shard=(1, 2)).run()
+    result = sweep_mod.Sweep(cfg, tmp_path / "second", shard=(1, 2)).run()
+    assert sorted(result["finished"]) == sorted(names), "finished lists run names, archived ones included"
     assert trained == names[0::2] + names[1::2], "each run is trained by exactly one shard"
     assert sorted(reported["second"]) == sorted(names), "a shard reports the other shards' archived runs too"
     with pytest.raises(ValueError, match="shard 2/2"):
