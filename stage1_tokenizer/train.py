@@ -56,6 +56,10 @@ class TokenizerTrainer(TrainLoop):
             self.disc, self.disc_opt = prepared[4:]
         self.lpips = lpips_loss_fn(self.acc.device) if cfg.loss.lpips_weight > 0 else None
         self._start(loader)
+        warmup = getattr(self.unwrapped.quantize, "warmup", 0)
+        if warmup >= self.total_steps:  # it would never quantise: a tokenizer whose codes mean nothing
+            raise ValueError(f"{cfg.quantizer.name}'s warm-up ({warmup} steps) lasts the whole run ({self.total_steps} "
+                             f"steps); set quantizer.options.warmup below it or train longer")
         self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(1, self.batches_per_epoch // t.grad_accum)
         g = torch.Generator().manual_seed(12345)  # the drift probe: fixed images, independent of the run seed
         probe_idx = torch.randperm(len(self.dataset), generator=g)[: cfg.schedule.probe_size].tolist()

@@ -36,6 +36,14 @@ def test_every_variant_trains_and_the_loss_falls(name, tmp_path):
         assert (tmp_path / name_out).exists()
 
 
+def test_a_warmup_that_outlasts_the_run_is_refused_before_anything_is_written(tmp_path):
+    """SF-DiVeQ quantises nothing during its warm-up: a run shorter than it would save an unquantised tokenizer."""
+    cfg = small_config("quantizer.name=sf-diveq-detach", "train.max_steps=30")  # paper default warmup=1000
+    with pytest.raises(ValueError, match=r"warm-up \(1000 steps\) lasts the whole run \(30 steps\)"):
+        TokenizerTrainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def _final_weights(run: Path) -> dict:
     return load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
 
