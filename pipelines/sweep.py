@@ -211,15 +211,14 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
-        failures, done, finished = {}, [], []
+        failures, done = {}, {}  # done: run name -> the directory its report reads
         start = time.time()
         index, count = self.shard
         for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
             run = self.out / name
             archived = Path(self.cfg.archive) / name if self.cfg.archive else None
             if archived is not None and (archived / ARCHIVED).exists():
-                done.append(archived)
-                finished.append(name)
+                done[name] = archived
                 continue
             if position % count != index:  # another shard's run (reported above once archived)
                 continue
@@ -237,8 +236,7 @@ class Sweep:
             (run / "error.txt").unlink(missing_ok=True)
             if archived is not None and self.state.is_main_process:
                 archive_run(run, archived)
-            done.append(archived if archived is not None else run / "tokenizer")
-            finished.append(name)
+            done[name] = archived if archived is not None else run / "tokenizer"
         seconds = time.time() - start
         if self.state.is_main_process:
             notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
@@ -246,7 +244,7 @@ class Sweep:
                      f"{self.cfg.gfid_images} samples per prior vs {self.cfg.ref_images or self.cfg.gfid_images} "
                      f"training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
                      f"per-stage seconds in each run's timings.json).", ""]
-            write_report(done, self.out, "vqgen sweep: which quantizer makes the best tokenizer for generation?",
-                         failures, notes)
+            write_report(list(done.values()), self.out,
+                         "vqgen sweep: which quantizer makes the best tokenizer for generation?", failures, notes)
         self.state.wait_for_everyone()
-        return {"finished": finished, "failed": failures, "seconds": seconds}
+        return {"finished": list(done), "failed": failures, "seconds": seconds}
