@@ -171,16 +171,26 @@ def _cmd_claims(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vqgen")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install the project)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqgen", description="Which vector quantizer makes the best image tokenizer?")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("quantizers", help="list the quantizer variants and their options").set_defaults(func=_cmd_quantizers)
     tt = sub.add_parser("train-tokenizer", help="train a VQ tokenizer with any quantizer variant",
                         description="Train (or resume) a stage-1 VQ tokenizer. Everything in the preset can be "
                                     "overridden with key=value, e.g. train.lr=1e-4 quantizer.options.sigma2=1e-2.")
     tt.add_argument("--quantizer", help=f"variant: {', '.join(QUANTIZERS)} (default: the preset's)")
-    tt.add_argument("--preset", default="tiny", help="preset under configs/ (tiny, mnist, celeba-hq, vqgan-f16, "
-                                                     "nsvq2026) or a .yaml path (default: tiny)")
+    tt.add_argument("--preset", default="tiny", help="a shipped preset (tiny, mnist, celeba-hq, vqgan-f16, "
+                                                     "nsvq2026, tiny-nsvq2026) or a .yaml path (default: tiny)")
     tt.add_argument("--data", help="mnist | shapes | a folder of images | hf:<imagefolder dir> (default: the preset's)")
     tt.add_argument("--output-dir", required=True, help="run directory: config, checkpoints, metrics, samples, weights")
     tt.add_argument("--max-steps", type=int, help="total optimisation steps of the run (overrides train.max_steps)")
@@ -202,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=_cmd_encode)
     tp = sub.add_parser("train-prior", help="train a GPT prior or a latent diffusion UNet on a tokenizer's codes",
                         description="Train (or resume) a stage-2 prior on the frozen codes of a tokenizer run (encoded "
-                                    "on demand). Presets: configs/gpt/ and configs/ldm/; key=value overrides.")
+                                    "on demand). Presets ship in the package (gpt: tiny, celeba-hq, ffhq, lsun, afhq; ldm: tiny, celeba-hq); key=value overrides.")
     tp.add_argument("--tokenizer", required=True, help="the stage-1 run directory")
     tp.add_argument("--kind", required=True, choices=["gpt", "ldm"])
     tp.add_argument("--preset", default="tiny", help="gpt: tiny, celeba-hq, ffhq, lsun, afhq; ldm: tiny, celeba-hq "
@@ -243,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=_cmd_publish)
     sw = sub.add_parser("sweep", help="the whole study: tokenizer, evaluation, GPT + LDM priors, export, gFID, report",
                         description="Train and score every chosen quantizer end to end; finished stages are skipped, "
-                                    "a killed sweep resumes. Sweep settings: configs/sweep/ + key=value overrides.")
-    sw.add_argument("--config", default="demo", help="sweep preset under configs/sweep/ or a .yaml path (default demo)")
+                                    "a killed sweep resumes. Sweep settings: a shipped preset (demo, study, study-nsvq2026) + key=value overrides.")
+    sw.add_argument("--config", default="demo", help="sweep preset (demo, study, study-nsvq2026) or a .yaml path (default demo)")
     sw.add_argument("--output-dir", default="runs/sweep")
     sw.add_argument("--quantizers", help="comma-separated variants, or 'all' (default: the preset's eight)")
     sw.add_argument("--preset", help="tokenizer preset (default: the sweep preset's, tiny)")

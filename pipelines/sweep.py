@@ -18,7 +18,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from eval.report import write_report
-from stage1_tokenizer.config import CONFIG_DIR, load_config, save_config
+from stage1_tokenizer.config import load_config, presets, save_config
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.runtime import process_state
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
@@ -42,7 +42,7 @@ class SweepConfig:
     num_codes: list[int] = field(default_factory=list)  # codebook sizes to cross with the quantizers; [] = preset's
     seeds: list[int] = field(default_factory=lambda: [0])
     data: str = "mnist"
-    preset: str = "tiny"  # tokenizer preset (configs/)
+    preset: str = "tiny"  # tokenizer preset (stage1_tokenizer/presets/)
     tokenizer: list[str] = field(default_factory=list)  # overrides for every tokenizer
     quantizer_options: dict = field(default_factory=dict)  # {variant: {option: value}}
     gpt_preset: str = "tiny"
@@ -77,8 +77,8 @@ class SweepConfig:
 
 
 def load_sweep_config(preset: str = "demo", overrides: list[str] | None = None) -> SweepConfig:
-    """``configs/sweep/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
-    return load_config(SweepConfig, preset, overrides, CONFIG_DIR / "sweep")
+    """``pipelines/presets/sweep/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
+    return load_config(SweepConfig, preset, overrides, presets(__package__, "sweep"))
 
 
 def _finished(run_dir: Path) -> bool:

@@ -6,15 +6,26 @@ preset or on the command line never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets(package: str, *parts: str) -> Traversable:
+    """The preset folder shipped inside ``package`` (package data, so an installed wheel has it too)."""
+    return importlib.resources.files(package).joinpath("presets", *parts)
+
+
+CONFIG_DIR = presets(__package__)  # the tokenizer presets
 
 
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
@@ -77,20 +88,26 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def preset_path(name: str, directory: Path = CONFIG_DIR) -> Path:
-    """A preset name under ``directory`` (default ``configs/``) or a path to a YAML file."""
+def preset_names(directory: Traversable = CONFIG_DIR) -> list[str]:
+    return sorted(p.name[:-5] for p in directory.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str, directory: Traversable = CONFIG_DIR) -> Traversable:
+    """A preset name under ``directory`` (default: the tokenizer presets) or a path to a YAML file."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"preset file {name} does not exist")
         return path
-    candidate = directory / f"{name}.yaml"
-    if not candidate.exists():
-        known = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)} (or pass a .yaml path)")
+    candidate = directory.joinpath(f"{name}.yaml")
+    if not candidate.is_file():
+        known = ", ".join(preset_names(directory)) or f"none (the package data folder {directory} is missing)"
+        raise ValueError(f"unknown preset {name!r}; known presets: {known} (or pass a .yaml path)")
     return candidate
 
 
-def load_yaml(path: Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+def load_yaml(path: Traversable) -> dict:
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping at top level")
     return data
@@ -112,13 +129,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], preset: str, overrides: list[str] | None = None, directory: Path = CONFIG_DIR) -> T:
+def load_config(cls: type[T], preset: str, overrides: list[str] | None = None,
+                directory: Traversable = CONFIG_DIR) -> T:
     """Preset YAML (which may name a ``base`` preset it extends) + overrides -> validated dataclass."""
     data = _resolve(preset_path(preset, directory), set(), directory)
     return from_dict(cls, apply_overrides(data, overrides or []))
 
 
-def _resolve(path: Path, seen: set, directory: Path) -> dict:
+def _resolve(path: Traversable, seen: set, directory: Traversable) -> dict:
     if path in seen:
         raise ValueError(f"preset {path} extends itself")
     data = load_yaml(path)

@@ -1,12 +1,12 @@
 """Stage-2 configs: the GPT prior (DiVeQ Sec. A.2, Tables 4-5) and the latent diffusion UNet, with paper defaults.
 
-Presets live in ``configs/gpt/`` and ``configs/ldm/``; ``load_prior_config(kind, preset, overrides)``.
+Presets live in ``stage2_prior/presets/gpt/`` and ``presets/ldm/``; ``load_prior_config(kind, preset, overrides)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stage1_tokenizer.config import CONFIG_DIR, load_config
+from stage1_tokenizer.config import load_config, presets
 from stage1_tokenizer.tokenizer_config import TrainConfig
 
 KINDS = ("gpt", "ldm")
@@ -84,10 +84,10 @@ class PriorConfig:
 
 
 def load_prior_config(kind: str, preset: str, overrides: list[str] | None = None) -> PriorConfig:
-    """``configs/<kind>/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
+    """``stage2_prior/presets/<kind>/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
     if kind not in KINDS:
         raise ValueError(f"unknown prior kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return load_config(PriorConfig, preset, [f"kind={kind}", *(overrides or [])], CONFIG_DIR / kind)
+    return load_config(PriorConfig, preset, [f"kind={kind}", *(overrides or [])], presets(__package__, kind))
 
 
 def default_top_k(num_codes: int) -> int:
