@@ -94,7 +94,7 @@ def _cmd_train_prior(args) -> int:
 def _cmd_export(args) -> int:
     from pipelines.export import export_prior
 
-    print(f"wrote {export_prior(args.prior_dir, args.output_dir)}")
+    print(f"wrote {export_prior(args.prior_dir, args.output_dir, args.dataset_name)}")
     return 0
 
 
@@ -119,7 +119,8 @@ def _cmd_gfid(args) -> int:
 def _cmd_publish(args) -> int:
     from pipelines.publish import publish
 
-    staged = publish(args.pipeline_dir, args.repo_id, args.private, args.dry_run, args.output_dir)
+    staged = publish(args.pipeline_dir, args.repo_id, args.private, args.dry_run, args.output_dir,
+                     dataset=args.dataset_name)
     if args.dry_run:
         print(f"dry run: nothing uploaded; the folder that would be uploaded is {staged}")
     else:
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a finished prior run as a diffusers pipeline folder")
     ex.add_argument("prior_dir", help="a finished train-prior run (gpt -> VQGPTPipeline, ldm -> LDMPipeline)")
     ex.add_argument("--output-dir", required=True)
+    ex.add_argument("--dataset-name", help="name of the training data in the sidecar and card: a Hub dataset id "
+                                            "(e.g. ylecun/mnist; linked on the Hub) or a plain name (default: the "
+                                            "Hub id of bundled mnist, else the data folder's last component)")
     ex.set_defaults(func=_cmd_export)
     sa = sub.add_parser("sample", help="sample images from an exported pipeline folder")
     sa.add_argument("pipeline_dir")
@@ -250,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--private", action="store_true")
     pb.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing")
     pb.add_argument("--output-dir", help="where --dry-run writes the folder (default: a new temporary folder)")
+    pb.add_argument("--dataset-name", help="rename the training data in the card and sidecar: a Hub dataset id "
+                                           "(linked on the Hub) or a plain name (default: the export's name)")
     pb.set_defaults(func=_cmd_publish)
     sw = sub.add_parser("sweep", help="the whole study: tokenizer, evaluation, GPT + LDM priors, export, gFID, report",
                         description="Train and score every chosen quantizer end to end; finished stages are skipped, "

@@ -4,13 +4,19 @@
 At inference every variant is a frozen lookup: nearest row of a codebook (its ``lookup_space``), with
 optional linear maps before and after. Export materialises that codebook into ``VQModel.quantize`` and
 folds the maps into ``quant_conv`` / ``post_quant_conv``. Two variants cannot be expressed that way and
-are exported as our own ``VQTokenizer`` (a ``ModelMixin`` that round-trips ``save_pretrained``):
-``rvq`` (several codebooks whose lookups are summed) and ``gumbel`` (tokens are the argmax of learned
-logits, not nearest codes).
+are exported as a ``VQLookupTokenizer``: ``rvq`` (several codebooks whose lookups are summed) and
+``gumbel`` (tokens are the argmax of learned logits, not nearest codes).
+
+Code that is not stock diffusers travels with the folder as diffusers' remote code: the self-contained
+modules ``vqgpt_pipeline.py`` (the folder's root, ``_class_name: [module, class]``) and
+``vqvae/lookup_tokenizer.py`` are copied verbatim from vqgen's own source, so
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` runs vqgen's exact classes without vqgen.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,12 +25,17 @@ from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from stage1_tokenizer import lookup_tokenizer
 from stage1_tokenizer.config import to_dict
+from stage1_tokenizer.data import BUILTIN_SOURCES
+from stage1_tokenizer.lookup_tokenizer import VQLookupTokenizer
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import ResidualVQ
 from stage1_tokenizer.train import load_run
+from stage2_prior import vqgpt_pipeline
+from stage2_prior.vqgpt_pipeline import VQGPTPipeline
 
-from .vqgpt_pipeline import VQGPTPipeline
+from .redact import dataset_name, find_local_paths, local_roots, redact
 
 SIDECAR = "vqgen.json"  # what the pipeline was made from and how to sample it; ignored by diffusers
 
@@ -81,16 +92,50 @@ def to_vqmodel(tokenizer: VQTokenizer) -> VQModel:
     return vq.eval()
 
 
+@torch.no_grad()
+def to_lookup_tokenizer(tokenizer: VQTokenizer) -> VQLookupTokenizer:
+    """The self-contained inference model of a variant without a stock form (rvq, gumbel): same tokens and decode."""
+    cfg, q = tokenizer.config, tokenizer.quantize
+    stages = list(q.stages) if isinstance(q, ResidualVQ) else [q]
+    parts = []
+    for stage in stages:
+        if stage.nearest_lookup:
+            codebook, in_map, out_map = stage.lookup_space()
+            parts.append((codebook, in_map, out_map, None))
+        else:
+            parts.append((stage.effective_codebook(), None, None, stage.to_logits))
+    codebook, in_map, out_map, logits = parts[0]
+    model = VQLookupTokenizer(in_channels=cfg.in_channels, sample_size=cfg.resolution,
+                              block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                              latent_channels=cfg.latent_channels, vq_embed_dim=cfg.vq_embed_dim,
+                              norm_num_groups=cfg.norm_num_groups, act_fn=cfg.act_fn,
+                              mid_block_add_attention=cfg.mid_block_add_attention, num_codes=codebook.shape[0],
+                              code_dim=codebook.shape[1], num_quantizers=len(stages),
+                              residual=isinstance(q, ResidualVQ), in_map=in_map is not None,
+                              out_map=out_map is not None, logits=logits is not None,
+                              scaling_factor=cfg.scaling_factor)
+    for name in ("encoder", "quant_conv", "post_quant_conv", "decoder"):
+        getattr(model, name).load_state_dict(getattr(tokenizer, name).state_dict())
+    for target, (codebook, in_map, out_map, logits) in zip(model.stages, parts):
+        target.codebook.copy_(codebook.detach())
+        for name, source in (("in_map", in_map), ("out_map", out_map), ("to_logits", logits)):
+            if source is not None:
+                if not isinstance(source, nn.Linear):
+                    raise TypeError(f"{name} of {cfg.quantizer} is a {type(source).__name__}, not a linear map")
+                getattr(target, name).load_state_dict(source.state_dict())
+    return model.eval()
+
+
 def export_tokenizer(tokenizer: VQTokenizer):
-    """The stock ``VQModel`` when the variant allows it, else the tokenizer itself (hard inference)."""
+    """The stock ``VQModel`` when the variant allows it, else its ``VQLookupTokenizer``."""
     if stock_incompatibility(tokenizer) is None:
         return to_vqmodel(tokenizer)
-    tokenizer.set_hard_inference(True)
-    return tokenizer.eval()
+    return to_lookup_tokenizer(tokenizer.eval())
 
 
-def _prior_run(prior_dir: Path) -> tuple[dict, dict, VQTokenizer, dict]:
-    """(run.json, resolved prior config, tokenizer, tokenizer facts) of a finished prior run."""
+def _prior_run(prior_dir: Path, dataset: str | None = None) -> tuple[dict, dict, VQTokenizer, dict]:
+    """(run.json, resolved prior config, tokenizer, tokenizer facts) of a finished prior run; the facts name the
+    dataset (``dataset``, else the Hub id of a bundled set or a folder's last component) and hold no local path."""
     run_path = prior_dir / "run.json"
     if not run_path.exists() or not (prior_dir / "config.yaml").exists():
         raise ValueError(f"{prior_dir} is not a finished train-prior run (needs run.json and config.yaml)")
@@ -98,56 +143,94 @@ def _prior_run(prior_dir: Path) -> tuple[dict, dict, VQTokenizer, dict]:
     cfg = yaml.safe_load((prior_dir / "config.yaml").read_text())
     tok_cfg, tokenizer = load_run(run["tokenizer"])
     tokenizer.set_hard_inference(True)
+    source = tok_cfg.data.source
     facts = {"quantizer": tok_cfg.quantizer.name, "num_codes": tok_cfg.quantizer.num_codes,
-             "quantizer_options": tok_cfg.quantizer.options, "dataset": tok_cfg.data.source,
+             "quantizer_options": tok_cfg.quantizer.options, "dataset": dataset_name(source, dataset),
+             "data_source": source if source in BUILTIN_SOURCES else None,
              "resolution": tok_cfg.model.resolution, "tokenizer_run": run["tokenizer"],
-             "stock_vqmodel": stock_incompatibility(tokenizer) is None,
+             "prior_run": str(prior_dir), "stock_vqmodel": stock_incompatibility(tokenizer) is None,
              "not_stock_because": stock_incompatibility(tokenizer),
              "config": {"tokenizer": to_dict(tok_cfg), "prior": cfg}}
-    return run, cfg, tokenizer, facts
+    return run, cfg, tokenizer, redact(facts)
 
 
-def _save(pipe, out_dir: Path, sidecar: dict) -> Path:
+REMOTE_MODULES = {VQGPTPipeline: vqgpt_pipeline, VQLookupTokenizer: lookup_tokenizer}
+
+
+def _ship_remote_code(out_dir: Path, pipe) -> None:
+    """Point ``model_index.json`` at module files inside the folder and copy vqgen's own modules there verbatim."""
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name, obj in [("_class_name", type(pipe)), *((k, type(v)) for k, v in pipe.components.items())]:
+        module = REMOTE_MODULES.get(obj)
+        if module is None:
+            continue
+        module_name = module.__name__.rsplit(".", 1)[-1]
+        folder = out_dir if name == "_class_name" else out_dir / name
+        shutil.copyfile(inspect.getsourcefile(module), folder / f"{module_name}.py")
+        index[name] = [module_name, obj.__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _drop_name_or_path(out_dir: Path) -> None:
+    """diffusers writes ``_name_or_path`` (the folder a component was loaded from) into component configs: a
+    local path, of no use to whoever loads the export."""
+    for path in out_dir.glob("*/*config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _save(pipe, out_dir: Path, sidecar: dict, sources: list) -> Path:
+    """Save ``pipe`` with its remote code and sidecar; refuse (and remove) a folder that mentions a local path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    _ship_remote_code(out_dir, pipe)
+    _drop_name_or_path(out_dir)
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    leaks = find_local_paths(out_dir, local_roots(out_dir, *sources))
+    if leaks:
+        shutil.rmtree(out_dir)
+        raise RuntimeError(f"export would record local paths ({'; '.join(leaks)}); nothing written")
     return out_dir
 
 
-def export_gpt(prior_dir: str | Path, out_dir: str | Path) -> Path:
+def export_gpt(prior_dir: str | Path, out_dir: str | Path, dataset: str | None = None) -> Path:
     """A ``VQGPTPipeline`` folder from a finished GPT prior run."""
     prior_dir, out_dir = Path(prior_dir), Path(out_dir)
-    run, cfg, tokenizer, facts = _prior_run(prior_dir)
+    run, cfg, tokenizer, facts = _prior_run(prior_dir, dataset)
     if run.get("kind") != "gpt":
         raise ValueError(f"{prior_dir} is a {run.get('kind')} run, not a gpt run")
     transformer = GPT2LMHeadModel.from_pretrained(prior_dir / "transformer").eval()
     pipe = VQGPTPipeline(vqvae=export_tokenizer(tokenizer), transformer=transformer, num_codes=run["num_codes"],
                          grid=run["grid"], top_k=run["top_k"], temperature=run["temperature"],
                          num_classes=run["num_classes"])
-    return _save(pipe, out_dir, {**facts, "pipeline": "VQGPTPipeline", "prior_run": str(prior_dir.resolve()),
-                                 "sampling": {"top_k": run["top_k"], "temperature": run["temperature"]}})
+    return _save(pipe, out_dir, {**facts, "pipeline": "VQGPTPipeline",
+                                 "sampling": {"top_k": run["top_k"], "temperature": run["temperature"]}},
+                 [prior_dir, run["tokenizer"]])
 
 
-def export_ldm(prior_dir: str | Path, out_dir: str | Path) -> Path:
+def export_ldm(prior_dir: str | Path, out_dir: str | Path, dataset: str | None = None) -> Path:
     """A stock ``LDMPipeline`` folder (vqvae + unet + DDIM scheduler) from a finished LDM prior run."""
     prior_dir, out_dir = Path(prior_dir), Path(out_dir)
-    run, cfg, tokenizer, facts = _prior_run(prior_dir)
+    run, cfg, tokenizer, facts = _prior_run(prior_dir, dataset)
     if run.get("kind") != "ldm":
         raise ValueError(f"{prior_dir} is a {run.get('kind')} run, not an ldm run")
     pipe = LDMPipeline(vqvae=export_tokenizer(tokenizer), unet=UNet2DModel.from_pretrained(prior_dir / "unet"),
                        scheduler=DDIMScheduler.from_pretrained(prior_dir / "scheduler"))
     sampling = {"num_inference_steps": cfg["ldm"]["num_inference_steps"], "eta": cfg["ldm"]["eta"]}
-    return _save(pipe, out_dir, {**facts, "pipeline": "LDMPipeline", "prior_run": str(prior_dir.resolve()),
-                                 "sampling": sampling})
+    return _save(pipe, out_dir, {**facts, "pipeline": "LDMPipeline", "sampling": sampling},
+                 [prior_dir, run["tokenizer"]])
 
 
-def export_prior(prior_dir: str | Path, out_dir: str | Path) -> Path:
-    """The pipeline folder of a finished prior run, whichever its kind."""
+def export_prior(prior_dir: str | Path, out_dir: str | Path, dataset: str | None = None) -> Path:
+    """The pipeline folder of a finished prior run, whichever its kind; ``dataset`` names its data (a Hub id or
+    a plain name)."""
     run = Path(prior_dir) / "run.json"
     kind = json.loads(run.read_text()).get("kind") if run.exists() else None
     if kind not in EXPORTERS:
         raise ValueError(f"{prior_dir} is not a finished train-prior run")
-    return EXPORTERS[kind](prior_dir, out_dir)
+    return EXPORTERS[kind](prior_dir, out_dir, dataset)
 
 
 EXPORTERS = {"gpt": export_gpt, "ldm": export_ldm}

@@ -21,36 +21,39 @@ from eval.fid_reference import reference_stats, source_fingerprint
 from stage1_tokenizer.data import build_dataset
 
 from .export import SIDECAR
-from .vqgpt_pipeline import VQGPTPipeline
 
 DEFAULT_STATS_DIR = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "fid-stats"
 
 
 def load_pipeline(path: str | Path, device: str | None = None) -> tuple[DiffusionPipeline, dict]:
-    """A pipeline folder written by export (VQGPTPipeline or a stock diffusers pipeline) and its sidecar."""
+    """A pipeline folder written by export and its sidecar, loaded as any diffusers user loads it: the folder's
+    own code (``VQGPTPipeline``, ``VQLookupTokenizer``) runs as remote code, which vqgen wrote itself."""
     path = Path(path)
-    index = path / "model_index.json"
-    if not index.exists():
+    if not (path / "model_index.json").exists():
         raise ValueError(f"{path} is not a pipeline folder (no model_index.json)")
-    name = json.loads(index.read_text()).get("_class_name")
-    cls = VQGPTPipeline if name == "VQGPTPipeline" else DiffusionPipeline
-    pipe = cls.from_pretrained(path)
+    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
     return pipe, sidecar
 
 
+def is_gpt_pipeline(pipe: DiffusionPipeline) -> bool:
+    """Whether ``pipe`` is a ``VQGPTPipeline`` (vqgen's class or its copy loaded as remote code)."""
+    return type(pipe).__name__ == "VQGPTPipeline"
+
+
 def sample_batches(pipe: DiffusionPipeline, sidecar: dict, num_images: int, batch_size: int = 32,
                    seed: int = 0) -> Iterator[torch.Tensor]:
     """Batches of images (B, C, H, W) in [0, 1]; one generator seeded once, so a run is reproducible."""
     generator = torch.Generator().manual_seed(seed)
-    kwargs = dict(sidecar.get("sampling", {})) if not isinstance(pipe, VQGPTPipeline) else {}
+    gpt = is_gpt_pipeline(pipe)
+    kwargs = {} if gpt else dict(sidecar.get("sampling", {}))
     done = 0
     with tqdm(total=num_images, unit="img", desc="sampling") as bar:
         while done < num_images:
             n = min(batch_size, num_images - done)
-            if isinstance(pipe, VQGPTPipeline):
+            if gpt:
                 images = pipe(batch_size=n, generator=generator, output_type="pt").images
             else:  # stock pipelines: LDMPipeline returns numpy (B, H, W, C)
                 images = torch.from_numpy(pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images)
@@ -99,9 +102,10 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
     """Generation FID of a pipeline against its training set's cached statistics; no images are written except
     a grid of the first 64 at ``save_grid`` when given."""
     pipe, sidecar = load_pipeline(pipeline_dir)
-    source = data or sidecar.get("dataset")
+    source = data or sidecar.get("data_source")
     if source is None:
-        raise ValueError("no --data given and the pipeline folder does not name its dataset")
+        raise ValueError(f"pass --data: the pipeline folder names its dataset ({sidecar.get('dataset', 'unknown')!r}) "
+                         "but exports never record a local path")
     vqvae = pipe.vqvae.config
     channels = vqvae.in_channels
     resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution

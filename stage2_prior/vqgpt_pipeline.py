@@ -1,0 +1,123 @@
+"""``VQGPTPipeline`` and the token-sequence helpers it samples with: a GPT prior over VQ tokens plus the tokenizer
+that decodes them, as a diffusers pipeline.
+
+Self-contained on purpose (torch, diffusers and transformers only): export copies this file into every GPT
+pipeline folder, so ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` runs exactly this code
+in a Python without vqgen. Sequences are raster order over the ``h x w`` grid; rvq grids ``(L, h, w)`` are
+position-major, depth-minor.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from transformers import GenerationConfig, PreTrainedModel
+
+
+def codes_to_sequence(indices: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) -> (B, h*w) raster order; rvq (B, L, h, w) -> (B, h*w*L) position-major, depth-minor."""
+    if indices.dim() == 3:
+        return indices.flatten(1)
+    if indices.dim() == 4:
+        return indices.permute(0, 2, 3, 1).flatten(1)
+    raise ValueError(f"expected code grids (B, h, w) or (B, L, h, w), got {tuple(indices.shape)}")
+
+
+def sequence_to_codes(seq: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`codes_to_sequence`; ``grid`` is (h, w) or (L, h, w)."""
+    if len(grid) == 2:
+        return seq.reshape(seq.shape[0], *grid)
+    depth, h, w = grid
+    return seq.reshape(seq.shape[0], h, w, depth).permute(0, 3, 1, 2)
+
+
+def start_tokens(batch: int, num_codes: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1): the start token ``K``, or the class token ``K + 1 + label``."""
+    if labels is None:
+        return torch.full((batch, 1), num_codes, dtype=torch.long)
+    return (num_codes + 1 + labels.long()).reshape(batch, 1)
+
+
+def generation_config(num_codes: int, vocab_size: int, top_k: int, temperature: float) -> GenerationConfig:
+    """Top-k sampling restricted to code ids: start and class tokens are suppressed before top-k."""
+    return GenerationConfig(do_sample=True, top_k=top_k, temperature=temperature, use_cache=True,
+                            suppress_tokens=list(range(num_codes, vocab_size)), bos_token_id=num_codes,
+                            pad_token_id=None, eos_token_id=None)
+
+
+@torch.no_grad()
+def sample_sequences(model: PreTrainedModel, batch: int, num_codes: int, seq_len: int, top_k: int,
+                     temperature: float = 1.0, generator: torch.Generator | None = None,
+                     class_labels: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+    """(B, seq_len) code ids sampled with ``generate`` (KV cache); seeded by ``generator`` when given.
+
+    ``generate`` draws from the global RNG, so a generator is turned into a seed for a forked RNG:
+    the same generator state gives the same samples and the caller's global RNG is untouched.
+    """
+    device = model.device
+    prompt = start_tokens(batch, num_codes, class_labels).to(device)
+    gen_cfg = generation_config(num_codes, model.config.vocab_size, top_k, temperature)
+    gen_cfg.update(use_cache=use_cache, max_new_tokens=seq_len, min_new_tokens=seq_len)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(prompt, generation_config=gen_cfg, attention_mask=torch.ones_like(prompt))
+    return out[:, 1:]
+
+
+class VQGPTPipeline(DiffusionPipeline):
+    """Components ``vqvae`` (a stock ``VQModel``, or a ``VQLookupTokenizer`` for variants it cannot express) and
+    ``transformer`` (``GPT2LMHeadModel``); the sampling settings are part of the pipeline config."""
+
+    model_cpu_offload_seq = "transformer->vqvae"
+
+    # the settings have defaults because diffusers treats parameters without one as components
+    def __init__(self, vqvae, transformer, num_codes: int | None = None, grid: list[int] | None = None,
+                 top_k: int | None = None, temperature: float = 1.0, num_classes: int = 0):
+        super().__init__()
+        if num_codes is None or not grid or top_k is None:
+            raise ValueError("VQGPTPipeline needs num_codes, grid ((h, w) or (L, h, w)) and top_k")
+        self.register_modules(vqvae=vqvae, transformer=transformer)
+        self.register_to_config(num_codes=int(num_codes), grid=list(grid), top_k=int(top_k),
+                                temperature=float(temperature), num_classes=int(num_classes))
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @property
+    def seq_len(self) -> int:
+        n = 1
+        for g in self.config.grid:
+            n *= g
+        return n
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Token grids -> images in [-1, 1]: a stock VQModel looks codes up and decodes without re-quantising."""
+        if hasattr(self.vqvae, "decode_indices"):
+            return self.vqvae.decode_indices(codes)
+        b, h, w = codes.shape
+        z = self.vqvae.quantize.get_codebook_entry(codes.reshape(-1), (b, h, w, self.vqvae.config.vq_embed_dim))
+        return self.vqvae.decode(z, force_not_quantize=True).sample
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, top_k: int | None = None,
+                 temperature: float | None = None, class_labels: torch.Tensor | list[int] | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Sample ``batch_size`` images; ``class_labels`` (one per image) for class-conditional priors."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        cfg = self.config
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if cfg.num_classes == 0:
+                raise ValueError("this prior is unconditional; pass class_labels=None")
+            if len(class_labels) != batch_size or class_labels.min() < 0 or class_labels.max() >= cfg.num_classes:
+                raise ValueError(f"need {batch_size} class labels in [0, {cfg.num_classes})")
+        elif cfg.num_classes:
+            class_labels = torch.randint(0, cfg.num_classes, (batch_size,), generator=generator)
+        top_k = min(top_k or cfg.top_k, cfg.num_codes)
+        seq = sample_sequences(self.transformer, batch_size, cfg.num_codes, self.seq_len, top_k,
+                               cfg.temperature if temperature is None else temperature, generator, class_labels)
+        image = self.decode_codes(sequence_to_codes(seq, tuple(cfg.grid)).to(self.device))
+        image = self.image_processor.postprocess(image.float(), output_type=output_type)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
