@@ -42,7 +42,8 @@ def _cmd_train_tokenizer(args) -> int:
     from stage1_tokenizer.tokenizer_config import TokenizerConfig
     from stage1_tokenizer.train import train_tokenizer
 
-    overrides = _with_flags(args, ("quantizer.name", args.quantizer), ("data.source", args.data))
+    overrides = _with_flags(args, ("quantizer.name", args.quantizer), ("data.source", args.data),
+                            ("train.report_to", args.report_to))
     return _train(train_tokenizer, load_config(TokenizerConfig, args.preset, overrides), args, "tokenizer")
 
 
@@ -87,7 +88,7 @@ def _cmd_train_prior(args) -> int:
     from stage2_prior.config import load_prior_config
     from stage2_prior.train import train_prior
 
-    overrides = _with_flags(args, ("tokenizer", args.tokenizer))
+    overrides = _with_flags(args, ("tokenizer", args.tokenizer), ("train.report_to", args.report_to))
     return _train(train_prior, load_prior_config(args.kind, args.preset, overrides), args, f"{args.kind} prior")
 
 
@@ -144,7 +145,8 @@ def _cmd_sweep(args) -> int:
     if args.quantizers:
         names = list(QUANTIZERS) if args.quantizers == "all" else args.quantizers.split(",")
         overrides.append(f"quantizers={json.dumps(names)}")
-    for key, value in (("preset", args.preset), ("data", args.data), ("max_steps", args.max_steps)):
+    for key, value in (("preset", args.preset), ("data", args.data), ("max_steps", args.max_steps),
+                       ("report_to", args.report_to)):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_sweep_config(args.config, overrides)
@@ -172,6 +174,15 @@ def _cmd_claims(args) -> int:
     return 0
 
 
+def _report_to(parser: argparse.ArgumentParser) -> None:
+    from stage1_tokenizer.tracking import CHOICES
+
+    parser.add_argument("--report-to", choices=CHOICES,
+                        help="log losses, lr, usage, perplexity, replacements, drift and sample grids to accelerate's "
+                             "trackers (one run per stage; tensorboard under RUN/logs, wandb offline unless WANDB_MODE "
+                             "says otherwise; default: the config's train.report_to, none)")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -197,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--max-steps", type=int, help="total optimisation steps of the run (overrides train.max_steps)")
     tt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     tt.add_argument("--seed", type=int, help="run seed (overrides train.seed)")
+    _report_to(tt)
     tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     tt.set_defaults(func=_cmd_train_tokenizer)
     ev = sub.add_parser("eval-tokenizer", help="rFID, LPIPS, SSIM, PSNR and codebook health of a tokenizer run")
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--max-steps", type=int)
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--seed", type=int)
+    _report_to(tp)
     tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gpt.n_layer=8")
     tp.set_defaults(func=_cmd_train_prior)
     ex = sub.add_parser("export", help="export a finished prior run as a diffusers pipeline folder")
@@ -269,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                     help="run only every N-th run, starting at run I (0-based), so N sweeps sharing one archive "
                          "(processes or machines) split a study; each reports every run archived so far")
+    _report_to(sw)
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="sweep config overrides, e.g. gfid_images=500")
     sw.set_defaults(func=_cmd_sweep)
     rp = sub.add_parser("report", help="report.md, results.json and plots from run directories")

@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 
 from eval.report import write_report
 from stage1_tokenizer.config import load_config, presets, save_config
+from stage1_tokenizer.tracking import trackers_for
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.runtime import process_state
 from stage1_tokenizer.tokenizer_config import TokenizerConfig
@@ -56,6 +57,7 @@ class SweepConfig:
     sample_batch_size: int = 50
     max_steps: int | None = None  # cap on every training stage (smoke runs)
     archive: str | None = None  # keep each finished run's results (no weights) here; archived runs are not rerun
+    report_to: str = "none"  # experiment tracker of every training stage: tensorboard | wandb | all | none
 
     def __post_init__(self):
         unknown = [q for q in self.quantizers if q not in QUANTIZERS]
@@ -63,6 +65,7 @@ class SweepConfig:
             raise ValueError(f"unknown quantizer(s) {', '.join(unknown)}; choose from {', '.join(QUANTIZERS)} or 'all'")
         if not self.quantizers or not self.seeds:
             raise ValueError("a sweep needs at least one quantizer and one seed")
+        trackers_for(self.report_to)  # an unknown or uninstalled tracker fails before any run starts
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
         """(run name, quantizer, K or None, seed) for every combination, seed-major then in ``quantizers`` order: a
@@ -159,12 +162,16 @@ class Sweep:
         return result
 
     # --- stages ------------------------------------------------------------------------------
+    def _tracking(self, run: Path, stage: str) -> list[str]:
+        """Tracker overrides: one tracker run per stage, named after the sweep run (``vq-K512-s0-gpt``)."""
+        return [f"train.report_to={self.cfg.report_to}", f"train.run_name={run.name}-{stage}"]
+
     def tokenizer(self, run: Path, quantizer: str, num_codes: int | None, seed: int) -> Path:
         tok = run / "tokenizer"
         if not _finished(tok):
             options = self.cfg.quantizer_options.get(quantizer, {})
             overrides = [f"quantizer.name={quantizer}", f"data.source={self.cfg.data}", f"train.seed={seed}",
-                         *([f"quantizer.num_codes={num_codes}"] if num_codes else []),
+                         *self._tracking(run, "tokenizer"), *([f"quantizer.num_codes={num_codes}"] if num_codes else []),
                          *(f"quantizer.options.{k}={json.dumps(v)}" for k, v in options.items()), *self.cfg.tokenizer]
             cfg = _cap(load_config(TokenizerConfig, self.cfg.preset, overrides), self.cfg.max_steps)
             self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists())
@@ -177,8 +184,8 @@ class Sweep:
         prior_dir = run / kind
         if not _finished(prior_dir):
             preset, overrides = (self.cfg.gpt_preset, self.cfg.gpt) if kind == "gpt" else (self.cfg.ldm_preset, self.cfg.ldm)
-            cfg = _cap(load_prior_config(kind, preset, [f"tokenizer={tok}", f"train.seed={seed}", *overrides]),
-                       self.cfg.max_steps)
+            cfg = _cap(load_prior_config(kind, preset, [f"tokenizer={tok}", f"train.seed={seed}",
+                                                        *self._tracking(run, kind), *overrides]), self.cfg.max_steps)
             self._timed(run, kind, train_prior, cfg, prior_dir, resume=(prior_dir / "config.yaml").exists())
         self._main_only(self._publishable, run, tok, prior_dir, kind)
 

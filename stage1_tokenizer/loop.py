@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import save_config
+from .config import save_config, to_dict
 from .runtime import (
     CheckpointManager,
     EpochSampler,
@@ -26,6 +26,7 @@ from .runtime import (
     TrainState,
     make_accelerator,
 )
+from .tracking import flat_config, log_images, scalars, tracker_kwargs, trackers_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class TrainLoop(abc.ABC):
         if self.out.exists() and (self.out / "config.yaml").exists() and not resume:
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --output-dir")
         t = cfg.train
-        self.acc = make_accelerator(t.mixed_precision, t.grad_accum)
+        self.trackers = trackers_for(t.report_to)
+        self.acc = make_accelerator(t.mixed_precision, t.grad_accum, self.trackers, self.out)
         set_seed(t.seed)
         self.state = TrainState()
 
@@ -78,11 +80,15 @@ class TrainLoop(abc.ABC):
                 logger.warning("no complete checkpoint in %s; starting from scratch", self.ckpt.root)
             if self.acc.is_main_process:
                 save_config(self.cfg, self.out / "config.yaml")
-            return
-        self.acc.load_state(str(latest))
-        if self.acc.is_main_process:
-            self.metrics.truncate_after(self.state.step)
-        self.acc.print(f"resumed from {latest} at step {self.state.step}")
+        else:
+            self.acc.load_state(str(latest))
+            if self.acc.is_main_process:
+                self.metrics.truncate_after(self.state.step)
+            self.acc.print(f"resumed from {latest} at step {self.state.step}")
+        if self.trackers:
+            name = self.cfg.train.run_name or self.out.resolve().name
+            self.acc.init_trackers(name, config=flat_config(to_dict(self.cfg)),
+                                   init_kwargs=tracker_kwargs(self.trackers, name, self.out, self.state.step))
 
     def _check_finite(self, loss: torch.Tensor | None, error: str | None, step: int) -> None:
         """Stop every rank on a non-finite loss, naming the last good checkpoint."""
@@ -137,8 +143,9 @@ class TrainLoop(abc.ABC):
     def _postfix(self, logs: dict) -> dict:
         return {"loss": f"{logs['loss']:.4f}"}
 
-    def _write_samples(self, step: int) -> None:
-        """Sample grids and plots (main process only)."""
+    def _write_samples(self, step: int) -> dict[str, Path]:
+        """Sample grids and plots (main process only); returns the grids to send to the trackers by name."""
+        return {}
 
     @abc.abstractmethod
     def _finish(self, step: int, seconds: float) -> Path:
@@ -146,6 +153,13 @@ class TrainLoop(abc.ABC):
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> Path:
+        try:
+            return self._train(max_steps)
+        finally:  # close the trackers' writers, also when a run stops early; not end_training(), which
+            for tracker in self.acc.trackers:  # would also destroy the process group a sweep keeps using
+                tracker.finish()
+
+    def _train(self, max_steps: int | None) -> Path:
         total = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         t = self.cfg.train
         step = self.state.step
@@ -161,11 +175,13 @@ class TrainLoop(abc.ABC):
             self.state.step = step
             self._after_step(step, logs)
             if self.acc.is_main_process and (self._log_now(step, logs) or step == total):
-                self.metrics.write({"step": step, **scheduled, **logs})
+                record = {"step": step, **scheduled, **logs}
+                self.metrics.write(record)
+                self.acc.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
             bar.update(1)
             bar.set_postfix(self._postfix(logs))
             if self.acc.is_main_process and (step % t.sample_every == 0 or step == total):
-                self._write_samples(step)
+                log_images(self.acc.trackers, self._write_samples(step), step)
             if step % t.checkpoint_every == 0 or step == total:
                 self.ckpt.save(self.acc, step)
         bar.close()

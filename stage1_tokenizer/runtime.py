@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import Sampler
 
 COMPLETE = "COMPLETE"
@@ -25,15 +25,19 @@ def process_state() -> PartialState:
     return PartialState(cpu=_cpu_only())
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with: list[str] | None = None,
+                     run_dir: str | Path | None = None) -> Accelerator:
     """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, see :func:`process_state`). Unused
-    parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some."""
+    parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some. ``log_with`` names accelerate
+    trackers, which log under ``run_dir/logs``."""
     no_accelerator = _cpu_only()
     # one process may train several models in turn (a sweep) with different precision: accelerate keeps its
     # settings in a process-wide singleton, so clear them (the process group, in PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs")) if run_dir else None
     return Accelerator(cpu=no_accelerator, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                       log_with=log_with or None, project_config=project)
 
 
 class TrainingDiverged(RuntimeError):

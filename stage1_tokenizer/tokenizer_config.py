@@ -75,6 +75,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 100
     seed: int = 0
+    report_to: str = "none"  # experiment tracker: tensorboard | wandb | all | none
+    run_name: str | None = None  # the tracker run's name (default: the run directory's name)
 
 
 @dataclass

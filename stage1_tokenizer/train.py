@@ -122,18 +122,20 @@ class TokenizerTrainer(TrainLoop):
         return per_vector / self.cfg.schedule.drift_every
 
     @torch.no_grad()
-    def _write_samples(self, step: int) -> None:
+    def _write_samples(self, step: int) -> dict[str, Path]:
         model = self.unwrapped
         was_training = model.training
         model.eval()
         recon, _ = model(self.probe)
         model.train(was_training)
         (self.out / "samples").mkdir(exist_ok=True)
-        save_recon_grid(self.probe.cpu(), recon.cpu(), self.out / "samples" / f"recon_step{step:07d}.png")
+        grid = self.out / "samples" / f"recon_step{step:07d}.png"
+        save_recon_grid(self.probe.cpu(), recon.cpu(), grid)
         records = self.metrics.read()
         name = f"{self.cfg.quantizer.name}, K={self.cfg.quantizer.num_codes}"
         plot_usage(records, self.out / "usage.png", f"{name}: codebook usage during training")
         plot_drift(records, self.out / "drift.png", f"{name}: encoder drift on a fixed probe batch")
+        return {"reconstructions": grid}
 
     def _before_step(self, step: int) -> dict:
         return apply_schedules(self.unwrapped.quantize, step, self.total_steps, self.steps_per_epoch, self.cfg.schedule)

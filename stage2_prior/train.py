@@ -81,12 +81,13 @@ class PriorTrainer(TrainLoop):
     def _register_extra(self) -> None:
         """Further state to checkpoint (the LDM's EMA weights)."""
 
-    def _write_grid(self, images: torch.Tensor, step: int) -> None:
+    def _write_grid(self, images: torch.Tensor, step: int) -> dict[str, Path]:
         """Images in [0, 1] -> ``samples/samples_step<step>.png`` and ``samples.png`` (the latest)."""
         (self.out / "samples").mkdir(exist_ok=True)
         nrow = max(1, int(len(images) ** 0.5))
         save_image(images, self.out / "samples" / f"samples_step{step:07d}.png", nrow=nrow, padding=1)
         save_image(images, self.out / "samples.png", nrow=nrow, padding=1)
+        return {"samples": self.out / "samples.png"}
 
     def _run_json(self, step: int, seconds: float, **extra) -> None:
         run = {"kind": self.cfg.kind, "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
@@ -143,8 +144,8 @@ class GPTTrainer(PriorTrainer):
         images = self.tokenizer.decode_indices(sequence_to_codes(seq, self.grid))
         return (images.float().clamp(-1, 1) + 1) / 2
 
-    def _write_samples(self, step: int) -> None:
-        self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed).cpu(), step)
+    def _write_samples(self, step: int) -> dict[str, Path]:
+        return self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed).cpu(), step)
 
     def _finish(self, step: int, seconds: float) -> Path:
         final = self.out / "transformer"
@@ -197,8 +198,8 @@ class LDMTrainer(PriorTrainer):
                    num_inference_steps=self.cfg.ldm.num_inference_steps, output_type="np")
         return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
-    def _write_samples(self, step: int) -> None:
-        self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed), step)
+    def _write_samples(self, step: int) -> dict[str, Path]:
+        return self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed), step)
 
     def _finish(self, step: int, seconds: float) -> Path:
         final = self.out / "unet"

@@ -409,9 +409,11 @@ def test_archived_runs_are_reported_without_rerunning(tmp_path):
     """A study resumes across sessions from committed per-run results: archived runs are read, not retrained."""
     env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
     archive = tmp_path / "archive"
-    first = subprocess.run(_sweep(tmp_path / "a", f"archive={archive}", quantizers="vq"), env=env,
-                           capture_output=True, text=True, timeout=900)
+    first = subprocess.run(_sweep(tmp_path / "a", f"archive={archive}", "--report-to", "tensorboard",
+                                  quantizers="vq"), env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("tokenizer", "gpt", "ldm"):  # one tracker run per stage, named after the sweep run
+        assert list((tmp_path / "a" / "vq" / stage / "logs" / f"vq-{stage}").glob("events.out.tfevents.*")), stage
     assert (archive / "vq" / "ARCHIVED").exists() and not list(archive.rglob("*.safetensors"))
     second = subprocess.run(_sweep(tmp_path / "b", f"archive={archive}", quantizers="vq"), env=env,
                             capture_output=True, text=True, timeout=900)
