@@ -30,6 +30,14 @@ def usage(counts: torch.Tensor) -> float:
     return float((counts > 0).double().mean())
 
 
+MIN_TOKENS_PER_CODE = math.log(10)  # K ln 10 ~ 2.3 K tokens: uniform use then reaches 90% usage
+
+
+def usage_ceiling(num_tokens: float, num_codes: int) -> float:
+    """``1 - e^(-T/K)``: the usage even perfectly uniform code use reaches on ``T`` tokens (expected value)."""
+    return 1.0 - math.exp(-num_tokens / num_codes)
+
+
 def distortion_per_bit(mse: float, counts: torch.Tensor) -> float:
     """D / H2 (DiVeQ Eq. 17): mean squared quantisation error per bit of code entropy."""
     bits = entropy(counts, base=2.0)

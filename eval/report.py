@@ -18,6 +18,7 @@ import yaml
 METRICS = [  # key in eval.json, column title, direction
     ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
     ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
+    ("usage_ceiling", "usage ceiling", "higher"), ("usage_epoch", "usage (last epoch)", "higher"),
     ("perplexity", "perplexity", "higher"), ("d_per_bit", "distortion/bit", "lower"),
     ("rfid_hard", "rFID (hard codes)", "lower"), ("lpips_vgg_hard", "LPIPS VGG (hard codes)", "lower"),
     ("gpt_gfid", "gFID GPT", "lower"), ("ldm_gfid", "gFID LDM", "lower"),
@@ -82,7 +83,7 @@ def summarise(runs: list[dict], by_size: bool) -> dict:
     for key, members in groups(runs, by_size).items():
         entry = {"runs": [m["dir"] for m in members], "num_codes": members[0]["num_codes"]}
         for metric, _, _ in METRICS:
-            vals = [m["eval"].get(metric) for m in members if metric in m["eval"]]
+            vals = [m["eval"][metric] for m in members if m["eval"].get(metric) is not None]
             if vals:
                 mu, sd = mean_std(vals)
                 entry[metric] = {"mean": mu, "std": sd, "n": len(vals)}

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("quantizers", help="list the quantizer variants and their options").set_defaults(func=_cmd_quantizers)
     tt = sub.add_parser("train-tokenizer", help="train a VQ tokenizer with any quantizer variant",
                         description="Train (or resume) a stage-1 VQ tokenizer. Everything in the preset can be "
-                                    "overridden with key=value, e.g. train.lr=1e-4 quantizer.options.sigma2=1e-2.")
+                                    "overridden with key=value, e.g. train.lr=1e-4 quantizer.options.noise_std=1e-2.")
     tt.add_argument("--quantizer", help=f"variant: {', '.join(QUANTIZERS)} (default: the preset's)")
     tt.add_argument("--preset", default="tiny", help="a shipped preset (tiny, mnist, celeba-hq, vqgan-f16, "
                                                      "nsvq2026, tiny-nsvq2026) or a .yaml path (default: tiny)")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from eval.codebook import code_counts, distortion_per_bit, perplexity, usage
+from eval.codebook import MIN_TOKENS_PER_CODE, code_counts, distortion_per_bit, perplexity, usage, usage_ceiling
 from eval.fid import Stats, extract_features, fid, frechet_distance
 from eval.fid_reference import reference_stats
 from eval.lpips_offline import MIN_SIZE, lpips_distance
@@ -86,9 +86,17 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })
         if not suffix:
-            result.update({"usage": usage(counts), "perplexity": perplexity(counts),
+            tokens = int(counts.sum())
+            if tokens < MIN_TOKENS_PER_CODE * len(counts):
+                warnings.warn(f"held-out usage counted on {tokens} tokens, fewer than 2.3 K = "
+                              f"{MIN_TOKENS_PER_CODE * len(counts):.0f}: even uniform use reaches only "
+                              f"{usage_ceiling(tokens, len(counts)):.0%}; evaluate more images (--num-images)")
+            result.update({"usage": usage(counts), "usage_tokens": tokens,
+                           "usage_ceiling": usage_ceiling(tokens, len(counts)), "perplexity": perplexity(counts),
                            "d_per_bit": distortion_per_bit(mse, counts), "latent_mse": mse,
                            "num_images": len(orig), "code_counts": counts.long().tolist()})
             save_recon_grid(orig[:16].float() / 127.5 - 1, recon[:16].float() / 127.5 - 1, run / "eval_recon.png")
+    run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    result["usage_epoch"] = run_info.get("usage_epoch")  # Beyond Stationarity's count, from training
     (run / "eval.json").write_text(json.dumps(result, indent=2))
     return result

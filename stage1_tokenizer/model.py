@@ -69,6 +69,14 @@ class VQTokenizer(ModelMixin, ConfigMixin):
             if hasattr(q, "hard_inference"):
                 q.hard_inference = hard
 
+    def quantizer_state(self) -> list[dict]:
+        """Each codebook's training state outside parameters and buffers (SF-DiVeQ's warm-up latents), for checkpoints."""
+        return [q.extra_state() for q in base_quantizers(self.quantize)]
+
+    def load_quantizer_state(self, states: list[dict]) -> None:
+        for q, state in zip(base_quantizers(self.quantize), states, strict=True):
+            q.load_extra_state(state)
+
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> token indices (B, h, w), or (B, L, h, w) for rvq; call in eval mode."""
         return self.quantize(self.encode(x)).indices

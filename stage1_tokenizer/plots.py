@@ -68,3 +68,31 @@ def plot_drift(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_kernel_regime(records: list[dict], path: Path, title: str) -> bool:
+    """NS-VQ's kernel regime over steps: mean non-winner weight sum (``lambda (K-1)`` when the kernel is uniform)
+    and the codes' spread over the latents' (near 0: codes collapsed onto the latents' mean), beside usage."""
+    rows = [r for r in records if "nonwinner_weight" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in ((axes[0], "nonwinner_weight", "non-winner weight sum per latent"),
+                           (axes[1], "spread_ratio", "code spread / latent spread"),
+                           (axes[2], "usage", "codes used in batch (%)")):
+        values = [r[key] * (100 if key == "usage" else 1) for r in rows if key in r]
+        ax.plot(steps[: len(values)], values)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("symlog", linthresh=1e-3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -29,6 +29,7 @@ class QuantizerConfig:
 @dataclass
 class LossConfig:
     mse_weight: float = 1.0
+    l1_weight: float = 0.0  # L1 reconstruction (the released VQGAN recipe uses L1 + LPIPS)
     lpips_weight: float = 0.0  # LPIPS (VGG) perceptual loss
     quantizer_weight: float = 1.0
     disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 disables the discriminator
@@ -36,6 +37,7 @@ class LossConfig:
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr: float | None = None  # defaults to train.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas of the discriminator
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ScheduleConfig:
     steps_per_epoch: int | None = None  # None: one pass over the data
     tau0: float = 1.0  # NS-VQ bandwidth at epoch 0, decayed per epoch by the quantizer's tau_decay
     tau_per_step: bool = False  # decay continuously per step instead of per epoch
+    lr_decay_per_epoch: float = 1.0  # ExponentialLR: lr times this once per epoch (Beyond Stationarity: 0.995)
     gumbel_epochs: int | None = None  # temperature anneal length; None: the whole run
     replacement_phases: list[list[int]] = field(default_factory=list)  # [[until_step, every], ...]; negative until: from the end
     freeze_encoder_at: int | None = None  # NSVQ 2026 stage 2: encoder + quant_conv frozen from this step
@@ -56,6 +59,7 @@ class DataConfig:
     source: str = "shapes"  # mnist | shapes | a folder of images | hf:<imagefolder dir>
     num_images: int | None = None  # cap on training images
     holdout: float = 0.05  # held-out fraction for folders without a split
+    random_resized_crop: bool = False  # train on RandomResizedCrop(resolution) instead of resize + centre crop
     num_workers: int = 0
 
 

@@ -16,7 +16,7 @@ from .data import build_dataset, skipped_files
 from .loop import TrainLoop
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
-from .plots import plot_drift, plot_usage, save_recon_grid
+from .plots import plot_drift, plot_kernel_regime, plot_usage, save_recon_grid
 from .schedules import apply_schedules, encoder_frozen
 from .tokenizer_config import TokenizerConfig
 
@@ -29,6 +29,19 @@ def lpips_loss_fn(device, net: str = "vgg"):
     return lambda a, b: model(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1))
 
 
+class QuantizerState:
+    """The quantizers' state outside parameters and buffers, registered with accelerate for checkpointing."""
+
+    def __init__(self, model: VQTokenizer):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {"quantizers": self.model.quantizer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_quantizer_state(state["quantizers"])
+
+
 class TokenizerTrainer(TrainLoop):
     """Owns the models, optimisers and data of one stage-1 run; the loop itself is :class:`TrainLoop`."""
 
@@ -37,18 +50,19 @@ class TokenizerTrainer(TrainLoop):
         self.desc = f"tokenizer[{cfg.quantizer.name}]"
         t, m = cfg.train, cfg.model
         self.dataset = build_dataset(cfg.data.source, m.resolution, m.in_channels, "train", cfg.data.num_images,
-                                     cfg.data.holdout)
+                                     cfg.data.holdout, cfg.data.random_resized_crop)
         self.skipped = skipped_files(self.dataset)
         loader = self._loader(self.dataset, cfg.data.num_workers)
         self.model = VQTokenizer.from_configs(m, cfg.quantizer)
         self.out.mkdir(parents=True, exist_ok=True)  # only once config, data and quantizer are known to be valid
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         objs = [self.model, self.opt, loader, self.sched]
         self.disc = None
         if cfg.loss.disc_weight > 0:
             self.disc = PatchDiscriminator(m.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.loss.disc_lr or t.lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.loss.disc_lr or t.lr,
+                                             betas=tuple(cfg.loss.disc_betas))
             objs += [self.disc, self.disc_opt]
         prepared = self.acc.prepare(*objs)
         self.model, self.opt, loader, self.sched = prepared[:4]
@@ -64,16 +78,43 @@ class TokenizerTrainer(TrainLoop):
         g = torch.Generator().manual_seed(12345)  # the drift probe: fixed images, independent of the run seed
         probe_idx = torch.randperm(len(self.dataset), generator=g)[: cfg.schedule.probe_size].tolist()
         self.probe = torch.stack([self.dataset[i][0] for i in probe_idx]).to(self.acc.device)
+        self.acc.register_for_checkpointing(QuantizerState(self.unwrapped))
         self._resume_or_begin(resume)
         self.model.train()
+
+    def _count_epoch_codes(self, indices: torch.Tensor) -> None:
+        """Mark the codes this batch selected (all depths of an rvq together), for ``usage_epoch``."""
+        hits = self.state.extra.get("epoch_hits")
+        batch = torch.bincount(indices.detach().reshape(-1).cpu(), minlength=self.cfg.quantizer.num_codes) > 0
+        self.state.extra["epoch_hits"] = batch if hits is None else hits | batch
+
+    def _close_epoch(self, logs: dict) -> None:
+        """``usage_epoch``: codes selected at least once over the epoch just ended, on every rank (Beyond
+        Stationarity's count); logged, kept for run.json, and the count restarts."""
+        hits = self.state.extra.pop("epoch_hits", None)
+        if hits is None:
+            return
+        hits = self.acc.reduce(hits.float().to(self.acc.device), "sum") > 0
+        self.state.extra["usage_epoch"] = logs["usage_epoch"] = float(hits.float().mean())
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then ``schedule.lr_decay_per_epoch`` to the power of the epoch (ExponentialLR per epoch)."""
+        t, gamma = self.cfg.train, self.cfg.schedule.lr_decay_per_epoch
+        epoch = step // getattr(self, "steps_per_epoch", step + 1)  # set once the loader is known; 0 before
+        return min(1.0, (step + 1) / max(1, t.warmup_steps)) * gamma ** epoch
 
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
         cfg = self.cfg.loss
         recon, q = self.model(x, freeze_encoder=encoder_frozen(step, self.cfg.schedule))
+        self._count_epoch_codes(q.indices)
         rec = F.mse_loss(recon.float(), x.float())
         logs = {"mse": rec.item(), "q_loss": q.loss.item(), **q.stats}
         nll = cfg.mse_weight * rec
+        if cfg.l1_weight > 0:
+            l1 = F.l1_loss(recon.float(), x.float())
+            nll = nll + cfg.l1_weight * l1
+            logs["l1"] = l1.item()
         if self.lpips is not None:
             p = self.lpips(recon.float(), x.float()).mean()
             nll = nll + cfg.lpips_weight * p
@@ -135,6 +176,7 @@ class TokenizerTrainer(TrainLoop):
         name = f"{self.cfg.quantizer.name}, K={self.cfg.quantizer.num_codes}"
         plot_usage(records, self.out / "usage.png", f"{name}: codebook usage during training")
         plot_drift(records, self.out / "drift.png", f"{name}: encoder drift on a fixed probe batch")
+        plot_kernel_regime(records, self.out / "kernel_regime.png", f"{name}: NS-VQ kernel regime")
         return {"reconstructions": grid}
 
     def _before_step(self, step: int) -> dict:
@@ -143,13 +185,15 @@ class TokenizerTrainer(TrainLoop):
     def _after_step(self, step: int, logs: dict) -> None:
         logs.update(epoch=step // self.steps_per_epoch, lr=self.sched.get_last_lr()[0],
                     frozen_encoder=encoder_frozen(step - 1, self.cfg.schedule))
+        if step % self.steps_per_epoch == 0:
+            self._close_epoch(logs)
         if step % self.cfg.schedule.drift_every == 0:
             drift = self._drift()
             if drift is not None:
                 logs["drift"] = drift
 
     def _log_now(self, step: int, logs: dict) -> bool:
-        return step % self.cfg.train.log_every == 0 or "drift" in logs
+        return step % self.cfg.train.log_every == 0 or "drift" in logs or "usage_epoch" in logs
 
     def _postfix(self, logs: dict) -> dict:
         return {"loss": f"{logs['loss']:.4f}", "usage": f"{logs['usage']:.2f}"}
@@ -161,6 +205,7 @@ class TokenizerTrainer(TrainLoop):
             run = {"status": "finished" if step >= self.total_steps else "stopped", "step": step,
                    "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                    "skipped_images": len(self.skipped), "skipped_files": self.skipped[:100],
+                   "usage_epoch": self.state.extra.get("usage_epoch"),  # None: no epoch completed
                    "world_size": self.acc.num_processes}
             (self.out / "run.json").write_text(json.dumps(run, indent=2))
         self.acc.wait_for_everyone()

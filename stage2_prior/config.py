@@ -19,7 +19,8 @@ class GPTConfig:
     n_layer: int = 28
     n_head: int = 16
     n_embd: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # Table 4; the release uses 0
+    tie_head: bool = True  # output head shares the token embedding; the release unties it (false)
     p_keep_start: float = 0.5  # keep probability at step 0 ...
     p_keep_end: float = 0.95  # ... rising on a cosine to this at the last step
     class_conditional: bool = False  # a class token replaces the start token (labelled data only)

@@ -27,7 +27,8 @@ def build_gpt(cfg: GPTConfig, num_codes: int, seq_len: int, num_classes: int = 0
     """A GPT-2 with vocabulary K + 1 (+ classes) and room for the start token plus ``seq_len`` codes."""
     config = GPT2Config(vocab_size=num_codes + 1 + num_classes, n_positions=seq_len + 1, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, bos_token_id=num_codes, eos_token_id=None, pad_token_id=None)
+                        attn_pdrop=cfg.dropout, bos_token_id=num_codes, eos_token_id=None, pad_token_id=None,
+                        tie_word_embeddings=cfg.tie_head)
     return GPT2LMHeadModel(config)
 
 

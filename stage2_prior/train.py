@@ -18,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import TensorDataset
 from torchvision.utils import save_image
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers.pytorch_utils import Conv1D
 
 from stage1_tokenizer.loop import TrainLoop
 from stage1_tokenizer.train import load_run
@@ -36,11 +37,20 @@ from .gpt import (
 from .ldm import build_noise_scheduler, build_unet, diffusion_loss, sampling_scheduler
 
 
+def decayed_parameters(model: torch.nn.Module) -> set[int]:
+    """Ids of the weights of linear layers (``nn.Linear``, GPT-2's ``Conv1D``, convolutions): the parameters the
+    released code decays. Embeddings, norms and biases are not, nor a head tied to the token embedding."""
+    linear = (torch.nn.Linear, Conv1D, torch.nn.Conv2d)
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {id(m.weight) for m in model.modules() if isinstance(m, linear) and id(m.weight) not in embedded}
+
+
 def adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT): biases and norm gains are not decayed."""
+    """AdamW with weight decay on the weights of linear layers only (METHODS rev 2, as released)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    decayed = decayed_parameters(model)
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 

@@ -11,7 +11,7 @@ NAMES = ["vq", "ema", "fc", "simvq", "transvq", "ns-vq", "nsvq-noise", "diveq", 
 def make(name, k=16, d=8, **opts):
     if name.startswith("sf-"):
         opts.setdefault("warmup", 1)
-        opts.setdefault("hard_inference", True)
+        opts.setdefault("inference", "hard")
     return build_quantizer(name, k, d, **opts)
 
 
@@ -29,7 +29,15 @@ def test_unknown_option_lists_valid_options():
     with pytest.raises(ValueError) as e:
         build_quantizer("diveq", 8, 4, sigma=0.1)
     msg = str(e.value)
-    assert "sigma" in msg and "sigma2" in msg and "replacement" in msg and "kmeans_init" in msg
+    assert "sigma" in msg and "noise_std" in msg and "replacement" in msg and "kmeans_init" in msg
+
+
+@pytest.mark.parametrize("name,old,new", [("diveq", "sigma2", "noise_std"), ("sf-diveq", "sigma2", "noise_std"),
+                                          ("sf-diveq", "hard_inference", "inference='hard'")])
+def test_renamed_options_say_what_replaced_them(name, old, new):
+    """METHODS rev 2 renamed two options; an old config fails with the new name, not a silent default."""
+    with pytest.raises(ValueError, match=f"option '{old}' was replaced by {new}"):
+        build_quantizer(name, 8, 4, **{old: 1e-3 if old == "sigma2" else True})
 
 
 @pytest.mark.parametrize("bad", [dict(replacement="sometimes"), dict(decay=1.5), dict(replace_every=0)])

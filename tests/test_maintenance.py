@@ -87,6 +87,28 @@ def test_importance_threshold_and_until():
     assert q.maintenance.window_steps.item() == 0
 
 
+def test_random_used_honours_dead_threshold_and_keeps_the_last_2000_steps_quiet():
+    """NSVQ 2022 as released: fewer than 10 of 1000 steps is dead; no replacement in the run's last 2000 steps."""
+    q = build_quantizer("nsvq-noise", 4, 1)  # random-used by default
+    m = q.maintenance
+    assert (m.policy, m.every, m.dead_threshold, m.no_replace_last) == ("random-used", 1000, 0.01, 2000)
+    m.steps_selected.copy_(torch.tensor([1000.0, 10.0, 9.0, 0.0]))
+    m.window_steps.fill_(1000)
+    assert m.dead_codes().tolist() == [False, False, True, True]
+    m.total_steps = 10000
+    assert m.replacement_allowed(8000) and not m.replacement_allowed(8001) and not m.replacement_allowed(9000)
+    m.total_steps = None  # run length unknown (no trainer): only replace_until limits it
+    assert m.replacement_allowed(9000)
+    quiet = build_quantizer("vq", 4, 1, replacement="random-used", replace_every=5, no_replace_last=10)
+    quiet.maintenance.total_steps = 20
+    for _ in range(20):
+        quiet(torch.randn(1, 1, 2, 2) * 0.01)
+        if int(quiet.maintenance.step) == 15:
+            assert not bool(quiet.maintenance.due) and quiet.maintenance.window_steps.item() == 0
+    assert quiet.maintenance.replaced_total.item() > 0  # replaced at step 5 and 10 only
+    assert build_quantizer("vq", 4, 1, replacement="importance").maintenance.no_replace_last == 0
+
+
 def test_replacement_waits_for_the_next_forward_and_keeps_autograd_intact():
     q = half_dead("diveq", replace_every=1)
     out = q(data_batch())

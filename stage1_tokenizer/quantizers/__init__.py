@@ -55,6 +55,13 @@ def valid_options(cls: type) -> list[str]:
     return names
 
 
+RENAMED_OPTIONS = {  # METHODS rev 2: old option -> what replaced it
+    "sigma2": "noise_std, the noise's standard deviation (default 1e-3, as the authors' code); the old sigma2=v "
+              "was read as a variance, so it is noise_std=sqrt(v)",
+    "hard_inference": "inference='hard' (SF-DiVeQ's inference is 'local' by default; 'global' and 'hard' are options)",
+}
+
+
 def build_quantizer(name: str, num_codes: int, dim: int, **options) -> nn.Module:
     """Build the variant ``name``; unknown names or options raise a ValueError listing what is valid.
 
@@ -72,6 +79,9 @@ def build_quantizer(name: str, num_codes: int, dim: int, **options) -> nn.Module
             raise ValueError(f"rvq needs num_quantizers >= 1, got {depth}")
         return ResidualVQ([build_quantizer(base, num_codes, dim, **options) for _ in range(int(depth))])
     cls = QUANTIZERS[name]
+    renamed = sorted(set(options) & set(RENAMED_OPTIONS))
+    if renamed:
+        raise ValueError("; ".join(f"quantizer option {old!r} was replaced by {RENAMED_OPTIONS[old]}" for old in renamed))
     allowed = valid_options(cls)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -46,7 +46,8 @@ class Quantizer(nn.Module, abc.ABC):
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,
                  replace_every: int | None = None, replace_until: int | None = None, dead_threshold: float = 0.01,
                  replace_noise: float = 1e-3, reservoir_size: int = 16384, kmeans_init: bool = False,
-                 kmeans_iters: int = 10, max_search_elements: int = DEFAULT_MAX_ELEMENTS):
+                 kmeans_iters: int = 10, no_replace_last: int | None = None,
+                 max_search_elements: int = DEFAULT_MAX_ELEMENTS):
         super().__init__()
         if int(num_codes) < 1 or int(dim) < 1:
             raise ValueError(f"num_codes and dim must be positive, got num_codes={num_codes}, dim={dim}")
@@ -58,7 +59,7 @@ class Quantizer(nn.Module, abc.ABC):
                              "reservoir replacement and kmeans_init are unavailable; use importance or random-used")
         self.maintenance = CodebookMaintenance(self.num_codes, self.code_dim, replacement, replace_every,
                                                replace_until, dead_threshold, replace_noise, reservoir_size,
-                                               kmeans_init, kmeans_iters)
+                                               kmeans_init, kmeans_iters, no_replace_last)
 
     # --- what a variant defines -------------------------------------------------------------
     @property
@@ -105,6 +106,17 @@ class Quantizer(nn.Module, abc.ABC):
         scale = raw.pow(2).mean().sqrt().clamp_min(1e-12)
         self._write_codes(dst, raw[src] + noise * scale * torch.randn_like(raw[src]))
 
+    def extra_state(self) -> dict:
+        """Training state held outside parameters and buffers, which checkpoints must carry (none by default)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` from a checkpoint."""
+
+    def step_stats(self) -> dict:
+        """Variant-specific diagnostics of the last training step, merged into ``stats`` (none by default)."""
+        return {}
+
     # --- shared machinery --------------------------------------------------------------------
     def nearest(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return nearest_code(z, codebook, self.max_search_elements)[0]
@@ -136,7 +148,8 @@ class Quantizer(nn.Module, abc.ABC):
             zq, idx = self._eval_step(flat)
             loss = flat.new_zeros(())
         counts = code_counts(idx, self.num_codes)
-        stats = {"perplexity": perplexity(counts), "usage": usage(counts), **self.maintenance.stats()}
+        stats = {"perplexity": perplexity(counts), "usage": usage(counts), **self.maintenance.stats(),
+                 **(self.step_stats() if self.training else {})}
         quantized = zq.view(b, h, w, d).permute(0, 3, 1, 2)
         return QuantizerOutput(quantized, idx.view(b, h, w), loss, stats)
 

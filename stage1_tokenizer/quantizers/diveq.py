@@ -19,20 +19,20 @@ def directional_error(z: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None =
 
 
 class DiVeQ(Quantizer):
-    """``z_q = z + ||c - z|| sg(v_d/||v_d||)`` (Eq. 8); no aux loss; ``C ~ U(0, 1/K)``.
+    """``z_q = z + ||c - z|| sg(v_d/||v_d||)``, ``v ~ N(0, noise_std^2 I)`` (Eq. 8); no aux loss; ``C ~ U(0, 1/K)``.
 
-    ``sigma2`` is the noise variance of the paper (1e-3); the official code passes 1e-3 as the std,
-    i.e. ``sigma2=1e-6``.
+    ``noise_std`` is a standard deviation: the paper's "sigma^2 = 1e-3" is the number its code passes to
+    ``Normal(0, .)`` as the std (METHODS rev 2).
     """
 
     default_replacement = "importance"
     detach = False
 
-    def __init__(self, num_codes: int, dim: int, *, sigma2: float = 1e-3, **options):
+    def __init__(self, num_codes: int, dim: int, *, noise_std: float = 1e-3, **options):
         super().__init__(num_codes, dim, **options)
-        if sigma2 < 0:
-            raise ValueError(f"sigma2 must be non-negative, got {sigma2}")
-        self.sigma2 = float(sigma2)
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+        self.noise_std = float(noise_std)
         self.codebook = nn.Parameter(torch.empty(self.num_codes, self.dim).uniform_(0, 1 / self.num_codes))
 
     def effective_codebook(self) -> torch.Tensor:
@@ -41,7 +41,7 @@ class DiVeQ(Quantizer):
     def _train_step(self, z):
         idx = self.nearest(z, self.codebook)
         c = self.codebook[idx]
-        v = None if self.detach else self.sigma2 ** 0.5 * torch.randn_like(z)
+        v = None if self.detach else self.noise_std * torch.randn_like(z)
         zq = z + directional_error(z, c, v)
         return zq, idx, z.new_zeros(())
 

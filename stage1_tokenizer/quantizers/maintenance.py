@@ -15,6 +15,7 @@ from .search import nearest_code
 
 POLICIES = ("none", "importance", "random-used", "reservoir")
 DEFAULT_EVERY = {"importance": 100, "random-used": 1000, "reservoir": 1000}
+DEFAULT_NO_REPLACE_LAST = {"random-used": 2000}  # NSVQ 2022, as released: the last 2000 steps keep their codes
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -38,7 +39,8 @@ class CodebookMaintenance(nn.Module):
     """
 
     def __init__(self, num_codes: int, code_dim: int, policy: str, every: int | None, until: int | None,
-                 dead_threshold: float, noise: float, reservoir_size: int, kmeans_init: bool, kmeans_iters: int):
+                 dead_threshold: float, noise: float, reservoir_size: int, kmeans_init: bool, kmeans_iters: int,
+                 no_replace_last: int | None = None):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown replacement {policy!r}; valid: {', '.join(POLICIES)}")
@@ -47,6 +49,8 @@ class CodebookMaintenance(nn.Module):
             raise ValueError(f"replace_every must be >= 1, got {every}")
         self.every = every if every is not None else DEFAULT_EVERY.get(policy, 0)
         self.until = until
+        self.no_replace_last = DEFAULT_NO_REPLACE_LAST.get(policy, 0) if no_replace_last is None else no_replace_last
+        self.total_steps: int | None = None  # the run's length, set by the trainer's schedules
         self.dead_threshold = dead_threshold
         self.noise = noise
         self.kmeans_init = kmeans_init
@@ -93,11 +97,17 @@ class CodebookMaintenance(nn.Module):
         if self.policy == "reservoir" and z_code is not None:
             self._push_reservoir(z_code.detach())
         if int(self.step) % self.every == 0:
-            allowed = self.until is None or int(self.step) < self.until
-            if allowed:
+            if self.replacement_allowed(int(self.step)):
                 self.due.fill_(True)
             else:
                 self._reset_window()
+
+    def replacement_allowed(self, step: int) -> bool:
+        """Whether a window closing at ``step`` may replace: before ``until``, and not in the run's last
+        ``no_replace_last`` steps (the last replacement is at ``total_steps - no_replace_last``)."""
+        if self.until is not None and step >= self.until:
+            return False
+        return self.total_steps is None or step <= self.total_steps - self.no_replace_last
 
     def _push_reservoir(self, x: torch.Tensor) -> None:
         size = self.reservoir.shape[0]
@@ -110,9 +120,10 @@ class CodebookMaintenance(nn.Module):
         self.reservoir_fill.fill_(min(size, int(self.reservoir_fill) + x.shape[0]))
 
     def dead_codes(self) -> torch.Tensor:
-        """Boolean mask of codes dead in the current window (usage below threshold, or never used)."""
+        """Boolean mask of codes dead in the current window: selected in fewer than ``dead_threshold`` of its steps
+        (importance, random-used: 1%, i.e. fewer than 10 of 1000) or never (reservoir)."""
         u = self.steps_selected / self.window_steps.clamp_min(1)
-        threshold = self.dead_threshold if self.policy == "importance" else 0.0
+        threshold = 0.0 if self.policy == "reservoir" else self.dead_threshold
         return (u < threshold) | (u == 0)
 
     def _replace(self, quantizer) -> None:

@@ -8,9 +8,10 @@ from .base import Quantizer, straight_through, vq_loss
 
 
 class SimVQ(Quantizer):
-    """Effective codebook ``E = C W`` (+ bias if ``bias``), ``C ~ N(0, 1/D)`` frozen, ``W`` learned."""
+    """Effective codebook ``E = C W`` + bias (as released: ``nn.Linear(D, D)``; ``bias=False`` is the option),
+    ``C ~ N(0, 1/D)`` frozen, ``W`` learned."""
 
-    def __init__(self, num_codes: int, dim: int, *, bias: bool = False, **options):
+    def __init__(self, num_codes: int, dim: int, *, bias: bool = True, **options):
         super().__init__(num_codes, dim, **options)
         self.register_buffer("codebook", torch.randn(self.num_codes, self.dim) * self.dim ** -0.5)
         self.proj = nn.Linear(self.dim, self.dim, bias=bias)

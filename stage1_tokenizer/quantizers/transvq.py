@@ -8,8 +8,12 @@ from torch import nn
 from .base import Quantizer, straight_through, vq_loss
 
 
+NORM_EPS = 1e-6
+
+
 class LinearAttention(nn.Module):
-    """Single-head, non-causal linear attention over the K codes, ``phi(x) = elu(x) + 1``."""
+    """Single-head, non-causal linear attention over the K codes, ``phi(x) = elu(x) + 1``; the normaliser gets
+    ``+ 1e-6`` as released."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -22,7 +26,7 @@ class LinearAttention(nn.Module):
         q, k, v = F.elu(self.q(x)) + 1, F.elu(self.k(x)) + 1, self.v(x)
         kv = k.T @ v  # (width, width): sum_j phi(k_j) v_j^T
         norm = q @ k.sum(0, keepdim=True).T  # (K, 1): phi(q_i) . sum_j phi(k_j)
-        return self.out((q @ kv) / norm)
+        return self.out((q @ kv) / (norm + NORM_EPS))
 
 
 class CodebookTransformer(nn.Module):
@@ -31,7 +35,7 @@ class CodebookTransformer(nn.Module):
     def __init__(self, num_codes: int, base_dim: int, dim: int, width: int = 256, mlp_ratio: int = 2):
         super().__init__()
         self.inp = nn.Linear(base_dim, width, bias=False)
-        self.pos = nn.Parameter(torch.randn(num_codes, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(num_codes, width))  # N(0, 1), as the released nn.Embedding
         self.norm1 = nn.LayerNorm(width)
         self.attn = LinearAttention(width)
         self.norm2 = nn.LayerNorm(width)
