@@ -109,3 +109,13 @@ def test_report_keeps_staged_runs_apart_and_links_archived_grids_in_place(tmp_pa
     assert not (tmp_path / "study" / "grids").exists(), "grids inside the report folder are linked, not copied"
     elsewhere = write_report(runs, tmp_path / "elsewhere")
     assert elsewhere == summary and (tmp_path / "elsewhere" / "grids" / "ns-vq-K512-s0.png").exists()
+
+
+def test_near_full_usage_is_judged_against_the_usage_ceiling(tmp_path):
+    """82% usage of K = 8,192 on 16k tokens is near-full (ceiling 86%); 82% against a ceiling of 100% is not."""
+    ceiling = 1 - math.exp(-16384 / 8192)
+    runs = [fake_run(tmp_path, "ns-vq", 8192, s, usage=0.82, usage_ceiling=ceiling) for s in (0, 1)]
+    runs += [fake_run(tmp_path, "transvq", 8192, s, usage=0.82, usage_ceiling=1.0) for s in (0, 1)]
+    lines = Claims(runs).claim1()
+    assert "| yes |" in next(line for line in lines if line.startswith("| 8192 | ns-vq |"))
+    assert "| no |" in next(line for line in lines if line.startswith("| 8192 | transvq |"))

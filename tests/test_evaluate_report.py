@@ -1,5 +1,6 @@
 """eval-tokenizer on a trained run and the report over several runs."""
 import json
+import math
 import statistics
 
 import pytest
@@ -33,6 +34,9 @@ def test_eval_tokenizer_writes_metrics_and_grid(two_runs):
     assert result["rfid"] > 0 and 0 < result["lpips_vgg"] < 1.5 and -1 <= result["ssim"] <= 1 and result["psnr"] > 0
     assert result["num_images"] == 24 and sum(result["code_counts"]) == 24 * 16 * 16  # 16x16 tokens per image
     assert result["usage"] == pytest.approx(sum(c > 0 for c in result["code_counts"]) / 32)
+    tokens = 24 * 16 * 16
+    assert result["usage_tokens"] == tokens and result["usage_ceiling"] == pytest.approx(1 - math.exp(-tokens / 32))
+    assert "usage_epoch" in result  # from training (None when the run never completed an epoch)
     assert (run / "eval_recon.png").exists()
 
 
