@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import torch
 
-from .fid import Source, Stats, extract_features, image_files
+from .fid import Features, Source, Stats, extract_features, image_files
 from .images import check_images
 from .inception import WEIGHTS_SHA1
 
@@ -46,31 +46,45 @@ def cache_path(cache_dir, name: str, resolution: int, num_images: int) -> str:
     return os.path.join(os.fspath(cache_dir), f"fid_stats_{name}_{resolution}px_{num_images}.npz")
 
 
-def _read(path: str, expected: str) -> Stats | None:
-    """The cached statistics, or None (with a warning) when the file is unreadable or stale."""
+def _read(path: str, expected: str, with_features: bool) -> tuple[Stats, Features | None] | None:
+    """The cached statistics (and features), or None (with a warning) when the file is unreadable or stale."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["fingerprint"]) == expected:
-                return Stats(z["mu"], z["sigma"], int(z["num_images"]))
+                stats = Stats(z["mu"], z["sigma"], int(z["num_images"]))
+                return stats, (Features(z["features"]) if with_features else None)
         reason = "its fingerprint differs (images, protocol or network changed)"
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        reason = f"it is unreadable ({e})"
-    warnings.warn(f"recomputing FID reference statistics {path}: {reason}", stacklevel=3)
+        reason = f"it is unreadable or holds no features ({e})"
+    warnings.warn(f"recomputing FID reference statistics {path}: {reason}", stacklevel=4)
     return None
+
+
+def _cached(source: Source, name: str, resolution: int, num_images: int, cache_dir, fingerprint: str | None,
+            with_features: bool, **kwargs) -> tuple[Stats, Features | None]:
+    path = cache_path(cache_dir, name, resolution, num_images)
+    expected = source_fingerprint(source, num_images, fingerprint)
+    if os.path.exists(path) and (cached := _read(path, expected, with_features)) is not None:
+        return cached
+    features = extract_features(source, num_images=num_images, **kwargs)
+    stats = Stats.of(features)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images, fingerprint=expected,
+                 features=features.array)
+    os.replace(tmp, path)
+    return stats, features
 
 
 def reference_stats(source: Source, name: str, resolution: int, num_images: int, cache_dir,
                     fingerprint: str | None = None, **kwargs) -> Stats:
     """Statistics of the first ``num_images`` images of ``source``, from ``cache_dir`` when fresh, else computed
     (``kwargs`` go to ``extract_features``) and written there. A generator source needs ``fingerprint``."""
-    path = cache_path(cache_dir, name, resolution, num_images)
-    expected = source_fingerprint(source, num_images, fingerprint)
-    if os.path.exists(path) and (stats := _read(path, expected)) is not None:
-        return stats
-    stats = Stats.of(extract_features(source, num_images=num_images, **kwargs))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images, fingerprint=expected)
-    os.replace(tmp, path)
-    return stats
+    return _cached(source, name, resolution, num_images, cache_dir, fingerprint, False, **kwargs)[0]
+
+
+def reference_features(source: Source, name: str, resolution: int, num_images: int, cache_dir,
+                       fingerprint: str | None = None, **kwargs) -> Features:
+    """The features themselves (for KID and precision/recall), cached in the same file as the statistics."""
+    return _cached(source, name, resolution, num_images, cache_dir, fingerprint, True, **kwargs)[1]

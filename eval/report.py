@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .leaderboard import leaderboard
+
 METRICS = [  # key in eval.json, column title, direction
     ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
     ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
@@ -22,7 +24,11 @@ METRICS = [  # key in eval.json, column title, direction
     ("perplexity", "perplexity", "higher"), ("d_per_bit", "distortion/bit", "lower"),
     ("rfid_hard", "rFID (hard codes)", "lower"), ("lpips_vgg_hard", "LPIPS VGG (hard codes)", "lower"),
     ("gpt_gfid", "gFID GPT", "lower"), ("ldm_gfid", "gFID LDM", "lower"),
+    ("gpt_kid", "KID GPT", "lower"), ("ldm_kid", "KID LDM", "lower"),
+    ("gpt_precision", "precision GPT", "higher"), ("ldm_precision", "precision LDM", "higher"),
+    ("gpt_recall", "recall GPT", "higher"), ("ldm_recall", "recall LDM", "higher"),
 ]
+GENERATION = ("gfid", "kid", "precision", "recall")  # per prior, from generation.json
 PRIORS = ("gpt", "ldm")
 
 
@@ -39,13 +45,15 @@ def read_run(run: Path) -> dict:
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
     generation = json.loads((run / "generation.json").read_text()) if (run / "generation.json").exists() else {}
     for kind, result in generation.items():
-        evaluation[f"{kind}_gfid"] = result.get("gfid")
+        for key in GENERATION:
+            if result.get(key) is not None:
+                evaluation[f"{kind}_{key}"] = result[key]
     q = cfg.get("quantizer", {})
     freeze_at = (cfg.get("schedule") or {}).get("freeze_encoder_at")
     variant = q.get("name", "?") + (f" (encoder frozen @{freeze_at})" if freeze_at is not None else "")
     return {"dir": str(run), "quantizer": q.get("name", "?"), "variant": variant, "freeze_at": freeze_at,
             "num_codes": q.get("num_codes"),
-            "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation,
+            "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation, "generation": generation,
             "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
             "last_sample": str(samples[-1]) if samples else None,
             "sample_grids": {k: run / g["grid"] for k, g in generation.items() if g.get("grid") and (run / g["grid"]).exists()}}
@@ -213,13 +221,14 @@ def _shown(src: Path, out: Path, name: str) -> str:
 
 
 def nested(summary: dict) -> dict:
-    """results.json layout: each prior's metrics under its own key (``"gpt": {"gfid": ...}``)."""
+    """results.json layout: each prior's metrics under its own key (``"gpt": {"gfid": ..., "kid": ...}``)."""
     out = {}
     for key, entry in summary.items():
         entry = dict(entry)
         for kind in PRIORS:
-            if f"{kind}_gfid" in entry:
-                entry[kind] = {"gfid": entry.pop(f"{kind}_gfid")}
+            moved = {m: entry.pop(f"{kind}_{m}") for m in GENERATION if f"{kind}_{m}" in entry}
+            if moved:
+                entry[kind] = moved
         out[key] = entry
     return out
 
@@ -259,7 +268,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             grids.append((key, _shown(Path(src), out, f"{run_label(r['dir'])}.png")))
         for kind, src in sorted(r["sample_grids"].items()):
             samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
-    text = [f"# {title}", "", *(notes or []),
+    text = [f"# {title}", "", *(notes or []), *leaderboard(groups(runs, by_size), PRIORS),
             f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
             table(summary) if runs else "(no finished runs)", ""]
     if failures:

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from eval.codebook import MIN_TOKENS_PER_CODE, code_counts, distortion_per_bit, perplexity, usage, usage_ceiling
-from eval.fid import Stats, extract_features, fid, frechet_distance
-from eval.fid_reference import reference_stats
+from eval.fid import extract_features
+from eval.fid_reference import reference_features
+from eval.sample_quality import sample_quality
 from eval.lpips_offline import MIN_SIZE, lpips_distance
 from eval.recon import psnr, ssim
 from stage1_tokenizer.data import build_dataset
@@ -54,13 +55,17 @@ def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float |
     return lpips_distance(orig, recon, net)
 
 
-def _rfid(orig: torch.Tensor, recon: torch.Tensor, batch_size: int, stats_dir, source: str) -> float:
-    """rFID; with ``stats_dir`` the originals' statistics are cached there (shared by every run on the same images)."""
+def _rfid(orig: torch.Tensor, recon: torch.Tensor, batch_size: int, stats_dir, source: str, suffix: str) -> dict:
+    """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals); with
+    ``stats_dir`` the originals' features are cached there (shared by every run on the same images)."""
     if stats_dir is None:
-        return fid(recon, orig, batch_size=batch_size)
-    ref = reference_stats(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir,
-                          batch_size=batch_size)
-    return frechet_distance(Stats.of(extract_features(recon, batch_size=batch_size)), ref)
+        ref = extract_features(orig, batch_size=batch_size)
+    else:
+        ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir,
+                                 batch_size=batch_size)
+    q = sample_quality(extract_features(recon, batch_size=batch_size), ref)
+    return {f"rfid{suffix}": q["fid"], f"rfid_ci{suffix}": q["fid_ci"], f"rkid{suffix}": q["kid"],
+            f"rkid_std{suffix}": q["kid_std"]}
 
 
 def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images: int = 1000,
@@ -81,7 +86,7 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
         suffix = "_hard" if hard and len(modes) > 1 else ""
         result.update({
-            f"rfid{suffix}": _rfid(orig, recon, batch_size, stats_dir, source),
+            **_rfid(orig, recon, batch_size, stats_dir, source, suffix),
             **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })

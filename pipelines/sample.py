@@ -16,8 +16,9 @@ from diffusers import DiffusionPipeline
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from eval.fid import Stats, extract_features, frechet_distance
-from eval.fid_reference import reference_stats, source_fingerprint
+from eval.fid import Features, extract_features
+from eval.fid_reference import reference_features, source_fingerprint
+from eval.sample_quality import BOOTSTRAP, sample_quality
 from stage1_tokenizer.data import build_dataset
 
 from .export import SIDECAR
@@ -78,9 +79,9 @@ def write_samples(pipe, sidecar: dict, num_images: int, output_dir: str | Path, 
     return out
 
 
-def dataset_stats(source: str, resolution: int, channels: int, num_images: int,
-                  stats_dir: str | Path = DEFAULT_STATS_DIR) -> Stats:
-    """Cached Inception statistics of the first ``num_images`` training images as the tokenizer sees them."""
+def dataset_features(source: str, resolution: int, channels: int, num_images: int,
+                     stats_dir: str | Path = DEFAULT_STATS_DIR) -> Features:
+    """Cached Inception features of the first ``num_images`` training images as the tokenizer sees them."""
     dataset = build_dataset(source, resolution, channels, "train", num_images)
     if len(dataset) < num_images:
         raise ValueError(f"{source} has {len(dataset)} training images, {num_images} requested")
@@ -93,14 +94,15 @@ def dataset_stats(source: str, resolution: int, channels: int, num_images: int,
     content = source_fingerprint(str(path), num_images) if path.is_dir() else source
     fingerprint = f"{content}|train|{resolution}px|{channels}ch"
     name = hashlib.sha256(source.encode()).hexdigest()[:10] + "-" + (path.name or "data")
-    return reference_stats(images, name, resolution, num_images, stats_dir, fingerprint=fingerprint)
+    return reference_features(images, name, resolution, num_images, stats_dir, fingerprint=fingerprint)
 
 
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
          seed: int = 0, ref_images: int | None = None, stats_dir: str | Path = DEFAULT_STATS_DIR,
-         save_grid: str | Path | None = None) -> dict:
-    """Generation FID of a pipeline against its training set's cached statistics; no images are written except
-    a grid of the first 64 at ``save_grid`` when given."""
+         save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP) -> dict:
+    """Generation FID of a pipeline against its training set's cached features, with its bootstrap 95% interval
+    (``num_boot`` resamples), KID and its std over subsets, and precision / recall / density / coverage; no images
+    are written except a grid of the first 64 at ``save_grid`` when given."""
     pipe, sidecar = load_pipeline(pipeline_dir)
     source = data or sidecar.get("data_source")
     if source is None:
@@ -109,7 +111,7 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
     vqvae = pipe.vqvae.config
     channels = vqvae.in_channels
     resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution
-    ref = dataset_stats(source, resolution, channels, ref_images or num_images, stats_dir)
+    ref = dataset_features(source, resolution, channels, ref_images or num_images, stats_dir)
     kept = []
 
     def generated():
@@ -118,10 +120,10 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
                 kept.append(batch)
             yield batch
 
-    feats = extract_features(generated, num_images=num_images)
-    score = frechet_distance(Stats.of(feats), ref)
+    quality = sample_quality(extract_features(generated, num_images=num_images), ref, num_boot, seed)
     if save_grid is not None:
         Path(save_grid).parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat(kept)[:64], save_grid, nrow=8, padding=1)
-    return {"gfid": score, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,
+    quality["gfid"], quality["gfid_ci"] = quality.pop("fid"), quality.pop("fid_ci")
+    return {**quality, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,
             "seed": seed, "pipeline": sidecar.get("pipeline")}

@@ -208,8 +208,9 @@ class Sweep:
         result["grid"] = str(pipe_dir / "samples.png")
         evaluation = json.loads((tok / "eval.json").read_text())
         sidecar = json.loads((pipe_dir / SIDECAR).read_text())
-        sidecar["metrics"] = {"gfid": result["gfid"], "num_images": result["num_images"],
-                              **{k: evaluation.get(k) for k in ("rfid", "usage", "perplexity")}}
+        sidecar["metrics"] = {**{k: result[k] for k in ("gfid", "gfid_ci", "kid", "kid_std", "precision", "recall",
+                                                        "num_images")},
+                              **{k: evaluation.get(k) for k in ("rfid", "rfid_ci", "usage", "perplexity")}}
         (pipe_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         generation[kind] = result
         gen_path.write_text(json.dumps(generation, indent=2))

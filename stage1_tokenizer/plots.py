@@ -90,7 +90,6 @@ def plot_kernel_regime(records: list[dict], path: Path, title: str) -> bool:
         ax.plot(steps[: len(values)], values)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-    axes[0].set_yscale("symlog", linthresh=1e-3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,0 +1,119 @@
+"""The report's leaderboard: variants ranked by gFID of each prior, with seed spread, estimator noise and which
+differences are significant.
+
+Every pair of variants gets the same two-sided test, then Holm's correction over all pairs of a prior:
+Welch's t-test on the per-seed gFIDs when every variant has at least two seeds, else (single runs) a z-test on
+the gFID difference with each run's bootstrap standard error (95% interval half-width / 1.96), which covers the
+estimator noise only. Variants sharing a letter are not significantly different (alpha 0.05, Holm-adjusted).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+
+from scipy import stats
+
+ALPHA = 0.05
+Z95 = 1.959963984540054
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _half_width(ci) -> float | None:
+    return None if not ci else (ci[1] - ci[0]) / 2
+
+
+def pair_pvalue(a: dict, b: dict, by_seeds: bool) -> float:
+    """Two-sided p-value of ``a`` vs ``b`` (each ``{"values": [...], "half_widths": [...]}``)."""
+    if by_seeds:
+        return float(stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue)
+    se = [statistics.fmean(x["half_widths"]) / Z95 for x in (a, b)]
+    z = (statistics.fmean(a["values"]) - statistics.fmean(b["values"])) / math.hypot(*se)
+    return float(2 * stats.norm.sf(abs(z)))
+
+
+def letters(ranked: list[str], significant: dict[frozenset, bool]) -> dict[str, str]:
+    """Compact letter display over variants sorted best first: each letter marks a maximal run of consecutive
+    variants that are pairwise not significantly different."""
+    runs = []
+    for i in range(len(ranked)):
+        for j in range(len(ranked) - 1, i - 1, -1):
+            block = ranked[i:j + 1]
+            if all(not significant[frozenset(p)] for p in itertools.combinations(block, 2)):
+                if not runs or j > runs[-1][1]:
+                    runs.append((i, j))
+                break
+    out = {v: "" for v in ranked}
+    for n, (i, j) in enumerate(runs):
+        for v in ranked[i:j + 1]:
+            out[v] += chr(ord("a") + n) if n < 26 else "*"
+    return out
+
+
+def significance(entries: dict[str, dict]) -> tuple[dict[str, str], str]:
+    """({variant: letters}, the test used) for ``{variant: {"values", "half_widths"}}`` (lower is better)."""
+    ranked = sorted(entries, key=lambda v: statistics.fmean(entries[v]["values"]))
+    by_seeds = all(len(e["values"]) >= 2 for e in entries.values())
+    usable = by_seeds or all(e["half_widths"] and None not in e["half_widths"] for e in entries.values())
+    if len(ranked) < 2 or not usable:
+        return {v: "" for v in ranked}, "none (too few runs or no intervals)"
+    pairs = list(itertools.combinations(ranked, 2))
+    adjusted = holm([pair_pvalue(entries[a], entries[b], by_seeds) for a, b in pairs])
+    significant = {frozenset(p): q < ALPHA for p, q in zip(pairs, adjusted)}
+    test = "Welch's t-test over seeds" if by_seeds else "z-test on the bootstrap standard errors (single runs)"
+    return letters(ranked, significant), f"{test}, Holm-corrected over {len(pairs)} pairs, alpha {ALPHA}"
+
+
+def _cell(values: list[float], digits: int = 1) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mu = statistics.fmean(vals)
+    return f"{mu:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{mu:.{digits}f}"
+
+
+def leaderboard(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[str]:
+    """Markdown lines: one table per prior, variants ranked by mean gFID, with their group letters."""
+    out = []
+    for kind in priors:
+        entries, rows = {}, {}
+        for key, members in groups.items():
+            gen = [m["generation"].get(kind) for m in members if m["generation"].get(kind)]
+            if not gen:
+                continue
+            entries[key] = {"values": [g["gfid"] for g in gen],
+                            "half_widths": [_half_width(g.get("gfid_ci")) for g in gen]}
+            rows[key] = (members, gen)
+        if not entries:
+            continue
+        marks, test = significance(entries)
+        out += [f"### Leaderboard: {kind.upper()} prior", "",
+                f"Ranked by gFID (mean ± std over seeds; ±CI: mean half-width of the runs' bootstrap 95% intervals, the "
+                f"estimator's noise). Group: variants sharing a letter are not significantly different ({test}).", "",
+                "| rank | variant | K | seeds | usage | rFID | LPIPS | PSNR | gFID | ±CI | KID x1e3 | precision | "
+                "recall | group |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        ranked = sorted(entries, key=lambda v: statistics.fmean(entries[v]["values"]))
+        for rank, key in enumerate(ranked, 1):
+            members, gen = rows[key]
+            ev = [m["eval"] for m in members]
+            half = [h for h in entries[key]["half_widths"] if h is not None]
+            usage = [100 * e["usage"] for e in ev if e.get("usage") is not None]
+            out.append(" | ".join([
+                f"| {rank}", key.split(" K=")[0], str(members[0]["num_codes"]), str(len(members)),
+                _cell(usage) + ("%" if usage else ""), _cell([e.get("rfid") for e in ev]),
+                _cell([e.get("lpips_vgg") for e in ev], 3), _cell([e.get("psnr") for e in ev], 2),
+                _cell(entries[key]["values"]), f"{statistics.fmean(half):.1f}" if half else "-",
+                _cell([1e3 * g["kid"] if g.get("kid") is not None else None for g in gen], 2),
+                _cell([g.get("precision") for g in gen], 2), _cell([g.get("recall") for g in gen], 2),
+                f"{marks[key] or '-'} |"]))
+        out.append("")
+    return out

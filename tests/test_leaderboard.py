@@ -1,0 +1,60 @@
+"""The leaderboard's statistics: Holm's correction, the letter groups, and the table the report puts on top."""
+import json
+
+import pytest
+
+from eval.leaderboard import holm, letters, significance
+from eval.report import write_report
+
+from test_claims import fake_run
+
+
+def test_holm_matches_the_step_down_definition():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> running max 0.06
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_letters_mark_runs_of_variants_not_significantly_different():
+    ranked = ["a", "b", "c", "d"]
+    sig = {frozenset(p): False for p in [("a", "b"), ("b", "c"), ("c", "d")]}
+    sig.update({frozenset(("a", "c")): True, frozenset(("a", "d")): True, frozenset(("b", "d")): True})
+    assert letters(ranked, sig) == {"a": "a", "b": "ab", "c": "bc", "d": "c"}
+    assert letters(["x", "y"], {frozenset(("x", "y")): False}) == {"x": "a", "y": "a"}
+
+
+def test_significance_uses_welch_over_seeds_and_bootstrap_errors_for_single_runs():
+    seeds = {"good": {"values": [10.0, 11.0, 10.5], "half_widths": [1, 1, 1]},
+             "same": {"values": [10.4, 10.9, 11.1], "half_widths": [1, 1, 1]},
+             "bad": {"values": [30.0, 31.0, 29.0], "half_widths": [1, 1, 1]}}
+    marks, test = significance(seeds)
+    assert "Welch" in test and "Holm" in test
+    assert marks["good"] == marks["same"] == "a" and marks["bad"] == "b"
+    single = {"good": {"values": [10.0], "half_widths": [1.0]}, "noisy": {"values": [11.0], "half_widths": [5.0]},
+              "bad": {"values": [20.0], "half_widths": [1.0]}}
+    marks, test = significance(single)
+    assert "bootstrap" in test
+    assert marks["good"] != marks["bad"] and "a" in marks["good"] and "a" in marks["noisy"]
+
+
+def test_report_puts_a_leaderboard_with_kid_precision_recall_and_groups_on_top(tmp_path):
+    runs = []
+    for q, base in (("diveq", 40.0), ("vq", 80.0)):
+        for seed in (0, 1):
+            run = fake_run(tmp_path / "runs", q, 512, seed)
+            gen = {kind: {"gfid": base + seed + (5 if kind == "ldm" else 0), "gfid_ci": [base - 2, base + 2],
+                          "kid": 0.02 + seed / 1000, "kid_std": 0.001, "precision": 0.7, "recall": 0.5}
+                   for kind in ("gpt", "ldm")}
+            (run / "generation.json").write_text(json.dumps(gen))
+            runs.append(run)
+    write_report(runs, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.index("### Leaderboard: GPT prior") < text.index("| quantizer | runs |")
+    rows = [line for line in text.splitlines() if line.startswith("| 1 | ") or line.startswith("| 2 | ")]
+    assert rows[0].startswith("| 1 | diveq | 512 | 2 |") and "40.5 ± 0.7" in rows[0] and "| a |" in rows[0]
+    assert rows[1].startswith("| 2 | vq |") and rows[1].rstrip().endswith("| b |")
+    assert "20.50 ± 0.71" in rows[0]  # KID x 1e3
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["diveq"]["gpt"]["kid"]["mean"] == pytest.approx(0.0205)
+    assert results["vq"]["ldm"]["gfid"]["mean"] == pytest.approx(85.5)
