@@ -26,6 +26,9 @@ class GPTConfig:
     class_conditional: bool = False  # a class token replaces the start token (labelled data only)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class LDMConfig:
     """``UNet2DModel`` on the quantised latents; DDPM training, DDIM sampling (LDM's linear-in-sqrt betas)."""
@@ -41,6 +44,12 @@ class LDMConfig:
     ema_decay: float = 0.9999
     num_inference_steps: int = 50  # DDIM steps for samples
     eta: float = 0.0
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (LDM) | v_prediction (Salimans & Ho 2022)
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"ldm.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
 
 
 @dataclass

@@ -28,7 +28,8 @@ def build_unet(cfg: LDMConfig, channels: int, sample_size: int) -> UNet2DModel:
 
 def build_noise_scheduler(cfg: LDMConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False)
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False,
+                         prediction_type=cfg.prediction_type)
 
 
 def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
@@ -37,8 +38,10 @@ def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
 
 
 def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, latents: torch.Tensor) -> torch.Tensor:
-    """DDPM epsilon-prediction loss: ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) ||^2``."""
+    """DDPM loss ``|| target - f_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) ||^2`` with target ``eps``
+    (epsilon prediction) or ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (v-prediction, the scheduler's setting)."""
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    return F.mse_loss(unet(noisy, t).sample.float(), noise.float())
+    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return F.mse_loss(unet(noisy, t).sample.float(), target.float())
