@@ -25,10 +25,12 @@ NEAREST_K = 5
 def kid(gen: Features, ref: Features, num_subsets: int = KID_SUBSETS, max_subset_size: int = KID_SUBSET_SIZE,
         seed: int = 0) -> tuple[float, float]:
     """(KID, std over subsets). The draws are clean-fid's ``kernel_distance`` draws under ``np.random.seed(seed)``,
-    so the mean equals clean-fid's value on the same features."""
+    so for the same subset size the mean equals clean-fid's value on the same features. Subsets hold at most
+    ``max_subset_size`` and at most half the smaller set: clean-fid's whole-set subsets (n <= 1000) would all be
+    the same images and give a std of 0."""
     f1, f2 = gen.array.astype(np.float64), ref.array.astype(np.float64)
     d = f1.shape[1]
-    m = min(len(f1), len(f2), max_subset_size)
+    m = min(max_subset_size, max(2, min(len(f1), len(f2)) // 2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(f1)} and {len(f2)}")
     rng = np.random.RandomState(seed)

@@ -19,6 +19,8 @@ def test_kid_equals_clean_fid_and_reports_its_spread():
     mean, std = kid(gen, ref, num_subsets=20, max_subset_size=100, seed=7)
     assert mean == pytest.approx(theirs, rel=1e-12)
     assert std > 0
+    _, small_std = kid(gaussian(150, shift=0.3, seed=1), gaussian(150, seed=2), num_subsets=10)
+    assert small_std > 0  # subsets of half the set differ, unlike clean-fid's whole-set subsets
     same_mean, _ = kid(gaussian(300, seed=3), ref, num_subsets=20, max_subset_size=100)
     assert abs(same_mean) < mean  # same distribution: near zero, far below a shifted one
 
