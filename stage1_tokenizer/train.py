@@ -85,8 +85,8 @@ class TokenizerTrainer(TrainLoop):
     def _count_epoch_codes(self, indices: torch.Tensor) -> None:
         """Mark the codes this batch selected (all depths of an rvq together), for ``usage_epoch``."""
         hits = self.state.extra.get("epoch_hits")
-        batch = torch.bincount(indices.detach().reshape(-1).cpu(), minlength=self.cfg.quantizer.num_codes) > 0
-        self.state.extra["epoch_hits"] = batch if hits is None else hits | batch
+        batch = torch.bincount(indices.detach().reshape(-1), minlength=self.cfg.quantizer.num_codes) > 0
+        self.state.extra["epoch_hits"] = batch if hits is None else hits.to(batch.device) | batch  # no host copy
 
     def _close_epoch(self, logs: dict) -> None:
         """``usage_epoch``: codes selected at least once over the epoch just ended, on every rank (Beyond

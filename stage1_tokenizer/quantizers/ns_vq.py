@@ -41,7 +41,7 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
         z_sq = z.pow(2).sum(1, keepdim=True)
         right = torch.cat([codebook * (2 / tau), -code_sq[:, None] / tau], dim=1)
         left_all = torch.cat([z, z.new_ones(n, 1)], dim=1)
-        stats_all = torch.cat([z, z.new_ones(n, 1), z_sq], dim=1)
+        stats_all = torch.cat([left_all, z_sq], dim=1)
         acc = codebook.new_zeros(k, d + 2)
         nonwinner = codebook.new_zeros((), dtype=torch.float64)
         rows, _ = block_sizes(n, k, max_elements)
