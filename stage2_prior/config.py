@@ -75,6 +75,15 @@ class PriorTrainConfig(TrainConfig):
     max_steps: int | None = 100_000
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    val_fraction: float = 0.05  # of the code cache held out for validation (0: none)
+    val_max_examples: int = 1000  # cap on the held-out examples, which bounds the cost of each validation
+    val_every: int = 500  # steps between validations (GPT bits per token, LDM denoising loss), and at the end
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_every < 1 or self.val_max_examples < 0:
+            raise ValueError("train.val_every must be >= 1 and train.val_max_examples >= 0")
 
 
 @dataclass

@@ -37,11 +37,14 @@ def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler.config)
 
 
-def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, latents: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor | None = None,
+                   t: torch.Tensor | None = None) -> torch.Tensor:
     """DDPM loss ``|| target - f_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) ||^2`` with target ``eps``
-    (epsilon prediction) or ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (v-prediction, the scheduler's setting)."""
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    (epsilon prediction) or ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (v-prediction, the scheduler's setting).
+    ``noise`` and ``t`` are drawn when not given (validation passes fixed ones)."""
+    noise = torch.randn_like(latents) if noise is None else noise
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return F.mse_loss(unet(noisy, t).sample.float(), target.float())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
 
 from stage1_tokenizer.loop import TrainLoop
+from stage1_tokenizer.plots import plot_validation
 from stage1_tokenizer.train import load_run
 
 from .codes import load_codes
@@ -32,6 +34,7 @@ from .gpt import (
     p_keep_at,
     sample_sequences,
     sequence_to_codes,
+    start_tokens,
     training_pair,
 )
 from .ldm import build_noise_scheduler, build_unet, diffusion_loss, sampling_scheduler
@@ -54,6 +57,16 @@ def adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torc
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
+def split_validation(n: int, fraction: float, max_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) example indices: a seeded permutation, its first ``min(round(fraction n), max_examples)``
+    held out (at least one when ``fraction`` > 0), so a resumed run holds out the same examples."""
+    held = min(max(1, round(fraction * n)), max_examples) if fraction > 0 else 0
+    if held >= n:
+        raise ValueError(f"holding out {held} of {n} examples leaves none to train on; lower train.val_fraction")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
+
+
 class PriorTrainer(TrainLoop):
     """What both priors share: the frozen tokenizer, its code cache, AdamW + warm-up/cosine, the run files."""
 
@@ -71,11 +84,15 @@ class PriorTrainer(TrainLoop):
         tokenizer.set_hard_inference(True)
         self.tokenizer = tokenizer.to(self.acc.device).requires_grad_(False)
         self.desc = f"{cfg.kind}[{Path(cfg.tokenizer).name}]"
-        model, dataset = self._build()
-        self.out.mkdir(parents=True, exist_ok=True)
         t = cfg.train
+        model, examples = self._build()
+        train_idx, val_idx = split_validation(len(examples[0]), t.val_fraction, t.val_max_examples, t.seed)
+        self.val = tuple(x[val_idx] for x in examples)
+        self.train_probe = tuple(x[train_idx[:len(val_idx)]] for x in examples)  # same size: curves comparable
+        self.out.mkdir(parents=True, exist_ok=True)
         self.opt = adamw(model, t.lr, t.betas, t.weight_decay)
-        self.model, self.opt, loader = self.acc.prepare(model, self.opt, self._loader(dataset))
+        self.model, self.opt, loader = self.acc.prepare(model, self.opt,
+                                                        self._loader(TensorDataset(*(x[train_idx] for x in examples))))
         self._start(loader)
         warmup = min(t.warmup_steps, self.total_steps // 2)  # small runs: never warm up past half-way
         self.sched = self.acc.prepare(get_cosine_with_min_lr_schedule_with_warmup(
@@ -85,15 +102,50 @@ class PriorTrainer(TrainLoop):
         self.model.train()
 
     @abc.abstractmethod
-    def _build(self) -> tuple[torch.nn.Module, TensorDataset]:
-        """The model to train and the dataset of code sequences or latents."""
+    def _build(self) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        """The model to train and its examples (code sequences or latents, labels), split here into train/held-out."""
 
     def _register_extra(self) -> None:
         """Further state to checkpoint (the LDM's EMA weights)."""
 
+    val_metric = "loss"  # what ``_heldout`` measures, logged as ``val_<metric>`` and ``train_<metric>``
+
+    @abc.abstractmethod
+    def _heldout(self, examples: tuple[torch.Tensor, ...], which: str) -> float:
+        """``val_metric`` of the model under training on fixed ``examples``, deterministically (eval mode)."""
+
+    def _after_step(self, step: int, logs: dict) -> None:
+        """Every ``val_every`` steps and at the last: the metric on the held-out set and on as many training
+        examples (the same protocol, so the gap is the generalisation gap)."""
+        if not (len(self.val[0]) and self.acc.is_main_process
+                and (step % self.cfg.train.val_every == 0 or step == self.total_steps)):
+            return
+        model = self.unwrapped
+        model.eval()
+        with torch.no_grad(), self.acc.autocast():
+            for which, examples in (("val", self.val), ("train", self.train_probe)):
+                logs[f"{which}_{self.val_metric}"] = self._heldout(examples, which)
+        model.train()
+
+    def _log_now(self, step: int, logs: dict) -> bool:
+        return super()._log_now(step, logs) or f"val_{self.val_metric}" in logs
+
+    def _validation_summary(self) -> dict:
+        """Final and best held-out metric from metrics.jsonl, and the validation curves (``validation.png``)."""
+        records = self.metrics.read()
+        key = f"val_{self.val_metric}"
+        rows = [r for r in records if key in r]
+        if not rows:
+            return {}
+        plot_validation(records, self.val_metric, self.out / "validation.png", self.desc)
+        best = min(rows, key=lambda r: r[key])
+        return {key: rows[-1][key], f"train_{self.val_metric}": rows[-1][f"train_{self.val_metric}"],
+                f"best_{key}": best[key], f"best_{key}_step": best["step"], "num_val_examples": len(self.val[0])}
+
     def _write_grid(self, images: torch.Tensor, step: int) -> dict[str, Path]:
         """Images in [0, 1] -> ``samples/samples_step<step>.png`` and ``samples.png`` (the latest)."""
         (self.out / "samples").mkdir(exist_ok=True)
+        self._validation_summary()  # refresh validation.png beside the grids
         nrow = max(1, int(len(images) ** 0.5))
         save_image(images, self.out / "samples" / f"samples_step{step:07d}.png", nrow=nrow, padding=1)
         save_image(images, self.out / "samples.png", nrow=nrow, padding=1)
@@ -103,7 +155,8 @@ class PriorTrainer(TrainLoop):
         run = {"kind": self.cfg.kind, "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
                "tokenizer_hash": self.codes.tokenizer_hash, "status": "finished" if step >= self.total_steps else "stopped",
                "step": step, "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
-               "num_training_codes": len(self.codes.indices), "world_size": self.acc.num_processes, **extra}
+               "num_training_codes": len(self.codes.indices) - len(self.val[0]), "world_size": self.acc.num_processes,
+               **self._validation_summary(), **extra}
         (self.out / "run.json").write_text(json.dumps(run, indent=2))
 
 
@@ -124,7 +177,20 @@ class GPTTrainer(PriorTrainer):
         model = build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes)
         model.generation_config = generation_config(codes.num_codes, model.config.vocab_size, self.top_k,
                                                     cfg.sample.temperature)
-        return model, TensorDataset(seq, codes.labels)
+        return model, (seq, codes.labels)
+
+    val_metric = "bits_per_token"
+
+    def _heldout(self, examples, which: str) -> float:
+        """Negative log-likelihood in bits per code token under teacher forcing on clean inputs (p_keep = 1)."""
+        seq, labels = examples
+        device, total = self.acc.device, 0.0
+        for chunk, lab in zip(seq.split(4 * self.cfg.train.batch_size), labels.split(4 * self.cfg.train.batch_size)):
+            chunk = chunk.to(device)
+            start = start_tokens(len(chunk), self.codes.num_codes, lab if self.num_classes else None).to(device)
+            logits = self.unwrapped(input_ids=torch.cat([start, chunk[:, :-1]], dim=1)).logits
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk.reshape(-1), reduction="sum").item()
+        return total / seq.numel() / math.log(2)
 
     def _before_step(self, step: int) -> dict:
         g = self.cfg.gpt
@@ -180,7 +246,22 @@ class LDMTrainer(PriorTrainer):
         self.ema = EMAModel(unet.parameters(), decay=self.cfg.ldm.ema_decay, model_cls=type(unet),
                             model_config=unet.config)
         self.ema.to(self.acc.device)
-        return unet, TensorDataset(latents, self.codes.labels)
+        return unet, (latents, self.codes.labels)
+
+    val_metric = "denoising_loss"
+
+    def _heldout(self, examples, which: str) -> float:
+        """The diffusion loss with noise and timesteps fixed per example (drawn once from the run's seed), so
+        successive validations differ only by the weights."""
+        latents = examples[0]
+        g = torch.Generator().manual_seed(self.cfg.train.seed + (which == "train"))
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        device, total, size = self.acc.device, 0.0, 4 * self.cfg.train.batch_size
+        for x, n, tt in zip(latents.split(size), noise.split(size), t.split(size)):
+            loss = diffusion_loss(self.unwrapped, self.noise_scheduler, x.to(device), n.to(device), tt.to(device))
+            total += loss.item() * len(x)
+        return total / len(latents)
 
     def _register_extra(self) -> None:
         self.acc.register_for_checkpointing(self.ema)

@@ -158,7 +158,7 @@ def test_changed_tokenizer_invalidates_the_cache(tokenizer_run, tmp_path):
 # --- training ----------------------------------------------------------------------------------
 def test_gpt_overfits_a_tiny_code_set_and_samples_reproduce_it(tokenizer_run, tmp_path):
     cfg = prior_config("gpt", tokenizer_run, "train.max_steps=400", "train.lr=3e-3", "gpt.p_keep_start=1.0",
-                       "gpt.p_keep_end=1.0", "sample.top_k=4")
+                       "gpt.p_keep_end=1.0", "sample.top_k=4", "train.val_fraction=0")  # memorise all 32
     trainer = GPTTrainer(cfg, tmp_path / "gpt")
     trainer.train()
     losses = [r["loss"] for r in MetricsLog(tmp_path / "gpt" / "metrics.jsonl").read()]
@@ -211,7 +211,7 @@ def test_bad_prior_inputs_fail_clearly(tokenizer_run, tmp_path):
 def _cli(tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", "train-prior", "--tokenizer", str(tokenizer), "--kind", "gpt",
             "--output-dir", str(out), "--max-steps", "40", *TINY_GPT, "gpt.dropout=0.1", "train.checkpoint_every=5",
-            *extra]
+            "train.val_every=5", *extra]
 
 
 def test_killed_prior_run_resumes_to_the_same_weights(tokenizer_run, tmp_path):
@@ -233,6 +233,11 @@ def test_killed_prior_run_resumes_to_the_same_weights(tokenizer_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{k} differs after resume")
     steps = [r["step"] for r in MetricsLog(killed / "metrics.jsonl").read()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+    held_out = [[(r["step"], r["val_bits_per_token"]) for r in MetricsLog(run / "metrics.jsonl").read()
+                 if "val_bits_per_token" in r] for run in (straight, killed)]
+    assert len(held_out[0]) == 8
+    for (s1, v1), (s2, v2) in zip(*held_out):  # the same held-out set, scored the same after resume
+        assert s1 == s2 and v1 == pytest.approx(v2, abs=1e-5)
 
 
 def test_encode_command_writes_the_cache(tokenizer_run, tmp_path, capsys):
@@ -275,7 +280,8 @@ def test_ldm_memorises_a_tiny_latent_set_and_samples_land_on_it(tmp_path):
     With epsilon prediction this fails: samples have ~3x the latents' std (see the ldm tiny preset)."""
     tokenizer_run = tiny_tokenizer_run(tmp_path / "tok", "data.num_images=8", "train.batch_size=8")
     cfg = prior_config("ldm", tokenizer_run, "train.max_steps=800", "train.lr=2e-3", "ldm.ema_decay=0.95",
-                       "ldm.num_inference_steps=25", "train.warmup_steps=20", "train.batch_size=8")
+                       "ldm.num_inference_steps=25", "train.warmup_steps=20", "train.batch_size=8",
+                       "train.val_fraction=0")  # all 8 latents are the training set
     trainer = LDMTrainer(cfg, tmp_path / "ldm")
     trainer.train()
     captured = []
