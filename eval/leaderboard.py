@@ -16,6 +16,7 @@ from scipy import stats
 
 ALPHA = 0.05
 Z95 = 1.959963984540054
+HELD_OUT = {"gpt": ("val_bits_per_token", "held-out bits/token"), "ldm": ("val_denoising_loss", "held-out loss")}
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -96,11 +97,12 @@ def leaderboard(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[
         if not entries:
             continue
         marks, test = significance(entries)
+        held_key, held_title = HELD_OUT.get(kind, ("", "held out"))
         out += [f"### Leaderboard: {kind.upper()} prior", "",
                 f"Ranked by gFID (mean ± std over seeds; ±CI: mean half-width of the runs' bootstrap 95% intervals, the "
                 f"estimator's noise). Group: variants sharing a letter are not significantly different ({test}).", "",
                 "| rank | variant | K | seeds | usage | rFID | LPIPS | PSNR | gFID | ±CI | KID x1e3 | precision | "
-                "recall | group |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                f"recall | {held_title} | group |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         ranked = sorted(entries, key=lambda v: statistics.fmean(entries[v]["values"]))
         for rank, key in enumerate(ranked, 1):
             members, gen = rows[key]
@@ -114,6 +116,6 @@ def leaderboard(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[
                 _cell(entries[key]["values"]), f"{statistics.fmean(half):.1f}" if half else "-",
                 _cell([1e3 * g["kid"] if g.get("kid") is not None else None for g in gen], 2),
                 _cell([g.get("precision") for g in gen], 2), _cell([g.get("recall") for g in gen], 2),
-                f"{marks[key] or '-'} |"]))
+                _cell([g.get(held_key) for g in gen], 3), f"{marks[key] or '-'} |"]))
         out.append("")
     return out

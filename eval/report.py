@@ -27,8 +27,11 @@ METRICS = [  # key in eval.json, column title, direction
     ("gpt_kid", "KID GPT", "lower"), ("ldm_kid", "KID LDM", "lower"),
     ("gpt_precision", "precision GPT", "higher"), ("ldm_precision", "precision LDM", "higher"),
     ("gpt_recall", "recall GPT", "higher"), ("ldm_recall", "recall LDM", "higher"),
+    ("gpt_val_bits_per_token", "held-out bits/token GPT", "lower"),
+    ("ldm_val_denoising_loss", "held-out denoising loss LDM", "lower"),
 ]
-GENERATION = ("gfid", "kid", "precision", "recall")  # per prior, from generation.json
+# per prior, from generation.json (the held-out metric each prior has)
+GENERATION = ("gfid", "kid", "precision", "recall", "val_bits_per_token", "val_denoising_loss")
 PRIORS = ("gpt", "ldm")
 
 

@@ -69,13 +69,21 @@ class SweepConfig:
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
         """(run name, quantizer, K or None, seed) for every combination, seed-major then in ``quantizers`` order: a
-        study cut short has its first quantizers at every K for the first seed."""
+        study cut short has its first quantizers at every K for the first seed.
+
+        Names carry K and the seed when they vary; with ``archive`` set always (``vq-K512-s0``, K from the preset
+        when not swept), so narrowed sweeps into one archive never share a name, nor resume each other's runs."""
         sizes = self.num_codes or [None]
+        preset_k = (load_config(TokenizerConfig, self.preset, list(self.tokenizer)).quantizer.num_codes
+                    if self.archive else None)
         out = []
         for seed in self.seeds:
             for q in self.quantizers:
                 for k in sizes:
-                    name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
+                    if self.archive:
+                        name = f"{q}-K{k or preset_k}-s{seed}"
+                    else:
+                        name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
                     out.append((name, q, k, seed))
         return out
 
@@ -112,8 +120,10 @@ def archive_run(run: Path, dest: Path) -> Path:
             shutil.copyfile(tok / name, tmp / name)
     generation = json.loads((tok / "generation.json").read_text())
     for kind, result in generation.items():
-        shutil.copyfile(result["grid"], tmp / f"samples_{kind}.png")
-        result["grid"] = f"samples_{kind}.png"  # relative: read against the archived run's folder
+        for key, name in (("grid", f"samples_{kind}.png"), ("validation_plot", f"validation_{kind}.png")):
+            if result.get(key):
+                shutil.copyfile(result[key], tmp / name)
+                result[key] = name  # relative: read against the archived run's folder
     (tmp / "generation.json").write_text(json.dumps(generation, indent=2))
     shutil.copyfile(run / "timings.json", tmp / "timings.json")
     (tmp / ARCHIVED).write_text(str(run))
@@ -206,6 +216,10 @@ class Sweep:
                              batch_size=self.cfg.sample_batch_size, ref_images=self.cfg.ref_images,
                              stats_dir=self.stats_dir, save_grid=pipe_dir / "samples.png")
         result["grid"] = str(pipe_dir / "samples.png")
+        prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
+        result.update({k: v for k, v in prior_run.items() if k.startswith(("val_", "train_", "best_val_"))})
+        if (prior_dir / "validation.png").exists():
+            result["validation_plot"] = str(prior_dir / "validation.png")
         evaluation = json.loads((tok / "eval.json").read_text())
         sidecar = json.loads((pipe_dir / SIDECAR).read_text())
         sidecar["metrics"] = {**{k: result[k] for k in ("gfid", "gfid_ci", "kid", "kid_std", "precision", "recall",

@@ -407,22 +407,48 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
 
 def test_archived_runs_are_reported_without_rerunning(tmp_path):
     """A study resumes across sessions from committed per-run results: archived runs are read, not retrained."""
+    name = "vq-K32-s0"  # archived runs carry quantizer, K and seed
     env = subprocess_env(VQGEN_CACHE=str(tmp_path / "cache"))
     archive = tmp_path / "archive"
     first = subprocess.run(_sweep(tmp_path / "a", f"archive={archive}", "--report-to", "tensorboard",
                                   quantizers="vq"), env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     for stage in ("tokenizer", "gpt", "ldm"):  # one tracker run per stage, named after the sweep run
-        assert list((tmp_path / "a" / "vq" / stage / "logs" / f"vq-{stage}").glob("events.out.tfevents.*")), stage
-    assert (archive / "vq" / "ARCHIVED").exists() and not list(archive.rglob("*.safetensors"))
+        assert list((tmp_path / "a" / name / stage / "logs" / f"{name}-{stage}").glob("events.out.tfevents.*")), stage
+    assert (archive / name / "ARCHIVED").exists() and not list(archive.rglob("*.safetensors"))
     second = subprocess.run(_sweep(tmp_path / "b", f"archive={archive}", quantizers="vq"), env=env,
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert not (tmp_path / "b" / "vq").exists(), "an archived run must not be retrained"
+    assert not (tmp_path / "b" / name).exists(), "an archived run must not be retrained"
     a = json.loads((tmp_path / "a" / "results.json").read_text())["vq"]
     b = json.loads((tmp_path / "b" / "results.json").read_text())["vq"]
     assert a["gpt"] == b["gpt"] and a["rfid"] == b["rfid"]
-    assert (tmp_path / "b" / "grids" / "vq-ldm.png").exists()
+    assert (tmp_path / "b" / "grids" / f"{name}-ldm.png").exists()
+    generation = json.loads((archive / name / "generation.json").read_text())
+    for kind in ("gpt", "ldm"):  # each prior's held-out metric and curves travel with the archive
+        assert generation[kind]["validation_plot"] == f"validation_{kind}.png"
+        assert (archive / name / f"validation_{kind}.png").exists()
+    assert "val_bits_per_token" in generation["gpt"] and "val_denoising_loss" in generation["ldm"]
+
+
+def test_archived_run_names_always_carry_quantizer_k_and_seed():
+    """With an archive, narrowed sweeps (one K, one seed) still name runs in full, so two of them into one archive
+    never collide on a name or resume each other's checkpoints; without one, names stay short."""
+    from pipelines.sweep import SweepConfig
+
+    def names(**kw):
+        return [name for name, *_ in SweepConfig(quantizers=["nsvq-noise"], **kw).runs()]
+
+    assert names(num_codes=[8192], seeds=[2], archive="a") == ["nsvq-noise-K8192-s2"]
+    assert names(seeds=[1], archive="a") == ["nsvq-noise-K256-s1"]  # K of the tiny preset
+    assert names(seeds=[1], archive="a", tokenizer=["quantizer.num_codes=64"]) == ["nsvq-noise-K64-s1"]
+    assert names(num_codes=[512, 8192], seeds=[0, 1], archive="a") == [
+        "nsvq-noise-K512-s0", "nsvq-noise-K8192-s0", "nsvq-noise-K512-s1", "nsvq-noise-K8192-s1"]
+    assert set(names(num_codes=[8192], seeds=[1], archive="a")).isdisjoint(names(num_codes=[8192], seeds=[2], archive="a"))
+    assert names(num_codes=[8192], seeds=[2]) == ["nsvq-noise"]
+
+
+
 
 
 def test_shards_split_a_study_and_each_reports_every_archived_run(tmp_path, monkeypatch):
