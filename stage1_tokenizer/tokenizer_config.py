@@ -31,6 +31,7 @@ class LossConfig:
     mse_weight: float = 1.0
     l1_weight: float = 0.0  # L1 reconstruction (the released VQGAN recipe uses L1 + LPIPS)
     lpips_weight: float = 0.0  # LPIPS (VGG) perceptual loss
+    lpips_images: int | None = None  # LPIPS on the first n images of each shuffled batch (~n/B of its cost); None: all
     quantizer_weight: float = 1.0
     disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 disables the discriminator
     disc_start: int = 0  # step at which the adversarial loss switches on

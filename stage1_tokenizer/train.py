@@ -116,7 +116,8 @@ class TokenizerTrainer(TrainLoop):
             nll = nll + cfg.l1_weight * l1
             logs["l1"] = l1.item()
         if self.lpips is not None:
-            p = self.lpips(recon.float(), x.float()).mean()
+            n = cfg.lpips_images or len(x)  # batches are shuffled: the first n are a random subset
+            p = self.lpips(recon[:n].float(), x[:n].float()).mean()
             nll = nll + cfg.lpips_weight * p
             logs["lpips"] = p.item()
         loss = nll + cfg.quantizer_weight * q.loss
