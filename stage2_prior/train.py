@@ -83,7 +83,8 @@ class PriorTrainer(TrainLoop):
         self.tokenizer_cfg, tokenizer = load_run(cfg.tokenizer)
         tokenizer.set_hard_inference(True)
         self.tokenizer = tokenizer.to(self.acc.device).requires_grad_(False)
-        self.desc = f"{cfg.kind}[{Path(cfg.tokenizer).name}]"
+        tok = Path(cfg.tokenizer).resolve()  # a sweep's tokenizer lives in <run>/tokenizer: name the run
+        self.desc = f"{cfg.kind}[{tok.parent.name if tok.name == 'tokenizer' else tok.name}]"
         t = cfg.train
         model, examples = self._build()
         train_idx, val_idx = split_validation(len(examples[0]), t.val_fraction, t.val_max_examples, t.seed)

@@ -9,6 +9,12 @@ from eval.report import write_report
 from test_claims import fake_run
 
 
+def results_row(text: str, prior: str, variant: str) -> str:
+    """The leaderboard row of ``variant`` under the ``prior`` heading."""
+    section = text[text.index(f"### Leaderboard: {prior} prior"):]
+    return next(line for line in section.splitlines() if line.startswith("| ") and f"| {variant} |" in line)
+
+
 def test_holm_matches_the_step_down_definition():
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> running max 0.06
@@ -44,7 +50,8 @@ def test_report_puts_a_leaderboard_with_kid_precision_recall_and_groups_on_top(t
         for seed in (0, 1):
             run = fake_run(tmp_path / "runs", q, 512, seed)
             gen = {kind: {"gfid": base + seed + (5 if kind == "ldm" else 0), "gfid_ci": [base - 2, base + 2],
-                          "kid": 0.02 + seed / 1000, "kid_std": 0.001, "precision": 0.7, "recall": 0.5}
+                          "kid": 0.02 + seed / 1000, "kid_std": 0.001, "precision": 0.7, "recall": 0.5,
+                          **({"val_bits_per_token": 3.0 + seed} if kind == "gpt" else {"val_denoising_loss": 0.3})}
                    for kind in ("gpt", "ldm")}
             (run / "generation.json").write_text(json.dumps(gen))
             runs.append(run)
@@ -55,6 +62,10 @@ def test_report_puts_a_leaderboard_with_kid_precision_recall_and_groups_on_top(t
     assert rows[0].startswith("| 1 | diveq | 512 | 2 |") and "40.5 ± 0.7" in rows[0] and "| a |" in rows[0]
     assert rows[1].startswith("| 2 | vq |") and rows[1].rstrip().endswith("| b |")
     assert "20.50 ± 0.71" in rows[0]  # KID x 1e3
+    assert "held-out bits/token" in text and "held-out loss" in text
+    assert "| 3.500 ± 0.707 |" in rows[0]  # the GPT's held-out bits per token over the two seeds
+    assert results_row(text, "LDM", "diveq").count("0.300") == 1
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["diveq"]["gpt"]["kid"]["mean"] == pytest.approx(0.0205)
+    assert results["diveq"]["gpt"]["val_bits_per_token"]["mean"] == pytest.approx(3.5)
     assert results["vq"]["ldm"]["gfid"]["mean"] == pytest.approx(85.5)

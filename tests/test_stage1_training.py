@@ -253,3 +253,24 @@ def test_released_recipe_options_crops_exponential_lr_and_l1(tmp_path):
     assert all("l1" in r for r in records)
     for preset in ("celeba-hq", "vqgan-f16"):
         load_config(TokenizerConfig, preset)  # both released-recipe presets stay valid
+
+
+def test_lpips_images_scores_only_the_first_n_images_of_each_batch(tmp_path):
+    """``loss.lpips_images=n``: the perceptual term is LPIPS of the first n images (the batches are shuffled), so
+    changing the other images leaves it unchanged; it equals LPIPS of those n reconstructions computed directly."""
+    from eval.lpips_offline import load_lpips
+
+    cfg = small_config("quantizer.name=vq", "loss.lpips_weight=1.0", "loss.lpips_images=4", "model.in_channels=1",
+                       "train.max_steps=1")
+    trainer = TokenizerTrainer(cfg, tmp_path / "t")
+    x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = x.clone()
+    y[4:] = -y[4:]
+    with torch.no_grad():
+        first, second = (trainer._losses(batch, 0)[1]["lpips"] for batch in (x, y))
+        recon = trainer.unwrapped(x)[0]
+        direct = load_lpips("vgg", "cpu")(recon[:4].expand(-1, 3, -1, -1), x[:4].expand(-1, 3, -1, -1)).mean().item()
+    assert first == pytest.approx(second, rel=1e-5) and first == pytest.approx(direct, rel=1e-5)
+    cfg.loss.lpips_images = None
+    with torch.no_grad():
+        assert trainer._losses(x, 0)[1]["lpips"] != pytest.approx(trainer._losses(y, 0)[1]["lpips"], rel=1e-3)
