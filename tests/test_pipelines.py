@@ -363,7 +363,7 @@ def test_published_folder_names_its_data_and_leaks_no_local_path(tmp_path, monke
 
 
 # --- the sweep ---------------------------------------------------------------------------------------
-SMALL_SWEEP = ["eval_images=8", "gfid_images=8", "sample_batch_size=4",
+SMALL_SWEEP = ["eval_images=8", "gfid_images=8", "ref_images=8", "sample_batch_size=4",
                'tokenizer=["model.resolution=16", "model.block_out_channels=[16, 16]", "model.latent_channels=8", '
                '"model.vq_embed_dim=8", "model.norm_num_groups=4", "quantizer.num_codes=32", "data.num_images=64", '
                '"train.batch_size=16", "train.checkpoint_every=2", "train.sample_every=1000"]',
