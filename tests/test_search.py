@@ -53,3 +53,45 @@ def test_search_rejects_bad_shapes():
         nearest_code(torch.randn(3, 4), torch.randn(5, 3))
     with pytest.raises(ValueError):
         nearest_code(torch.randn(3, 4, 1), torch.randn(5, 4))
+
+
+def _with_plan(monkeypatch, plan):
+    monkeypatch.setattr(search, "search_plan", plan)
+
+
+def _merged_plan(device, n, k, max_elements):
+    """The GPU plan (every block's argmin merged) with the default block sizes, run on CPU."""
+    return (*search.block_sizes(n, k, max_elements), search._merged_min)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 10, 1 << 16, 1 << 22])
+def test_cpu_tiles_and_gpu_blocks_pick_identical_indices_ties_included(monkeypatch, max_elements):
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(5000, 16, generator=g)  # K not a multiple of the 512-code tile
+    codebook[3000:3100] = codebook[100:200]  # exact duplicates four tiles later
+    codebook[4999] = codebook[7]  # and in the last, partial tile
+    z = torch.cat([codebook[100:200], codebook[7:8], torch.randn(3000, 16, generator=g)])
+    tiled, tiled_dist = nearest_code(z, codebook, max_elements)
+    _with_plan(monkeypatch, _merged_plan)
+    merged, merged_dist = nearest_code(z, codebook, max_elements)
+    assert torch.equal(tiled, merged)
+    torch.testing.assert_close(tiled_dist, merged_dist)  # other block shapes: other GEMM rounding
+    assert tiled[:100].tolist() == list(range(100, 200)) and int(tiled[100]) == 7  # the lower duplicate
+    assert torch.equal(tiled[101:], brute_nearest(z[101:], codebook))
+
+
+def test_every_variant_picks_the_same_indices_with_either_search(monkeypatch):
+    """The CPU tiling is a speed change only: each variant's training step selects the same codes as with the
+    GPU plan (the search as it was before the tiling)."""
+    from stage1_tokenizer.quantizers import QUANTIZERS, build_quantizer
+
+    z = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    picked = {}
+    for plan in (search.search_plan, _merged_plan):
+        _with_plan(monkeypatch, plan)
+        for name in QUANTIZERS:
+            torch.manual_seed(0)
+            q = build_quantizer(name, 1024, 8)
+            picked.setdefault(name, []).append(q(z).indices)
+    for name, (tiled, merged) in picked.items():
+        assert torch.equal(tiled, merged), name

@@ -15,6 +15,7 @@ from .search import block_sizes
 
 
 TAU_FLOOR = 1e-8
+CPU_BLOCK_ELEMENTS = 1 << 20  # kernel weights held at once on CPU (4 MiB in fp32): a block's passes stay in cache
 
 
 def ns_vq_tau(epoch: float, tau0: float = 1.0, decay: float = 0.5) -> float:
@@ -26,9 +27,9 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
     """Eq. 17 in blocks of latents with an analytic backward, so no per-block graph is kept.
 
     Memory is O(block x K + K x D). Per block, one matmul of augmented matrices gives the logits
-    ``(2 z_i.c_k - ||c_k||^2) / tau`` (``-||z_i - c_k||^2 / tau`` up to a per-row constant); the softmax takes
-    each row's own maximum off, so it is finite for every ``tau > 0``. One more matmul gives every sum the loss
-    and its gradient need: ``W_k = sum_i w_ik``, ``S_k = sum_i w_ik z_i``, ``Q_k = sum_i w_ik ||z_i||^2``.
+    ``(2 z_i.c_k - ||c_k||^2) / tau`` (``-||z_i - c_k||^2 / tau`` up to a per-row constant); torch's fused softmax
+    takes each row's own maximum off, so it is finite for every ``tau > 0``. One more matmul gives every sum the
+    loss and its gradient need: ``W_k = sum_i w_ik``, ``S_k = sum_i w_ik z_i``, ``Q_k = sum_i w_ik ||z_i||^2``.
     Then ``L = (sum_k Q_k - 2 c_k.S_k + ||c_k||^2 W_k) / (N D)`` and ``dL/dc_k = 2 (c_k W_k - S_k) / (N D)``.
     The second output is the regime diagnostic: the mean over latents of the non-winner weight sum.
     """
@@ -42,17 +43,18 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
         right = torch.cat([codebook * (2 / tau), -code_sq[:, None] / tau], dim=1)
         left_all = torch.cat([z, z.new_ones(n, 1)], dim=1)
         stats_all = torch.cat([left_all, z_sq], dim=1)
-        acc = codebook.new_zeros(k, d + 2)
+        acc = codebook.new_zeros(d + 2, k)  # [S | W | Q] transposed: the accumulation reads w row by row
         nonwinner = codebook.new_zeros((), dtype=torch.float64)
-        rows, _ = block_sizes(n, k, max_elements)
+        cpu = codebook.device.type == "cpu"
+        rows, _ = block_sizes(n, k, min(max_elements, CPU_BLOCK_ELEMENTS) if cpu else max_elements)
         for r0 in range(0, n, rows):
-            w = left_all[r0 : r0 + rows] @ right.T  # -||z - c||^2 / tau + a per-row constant
-            w.sub_(w.max(dim=1, keepdim=True).values).exp_()
-            w.mul_(lam * k / w.sum(1, keepdim=True)).clamp_max_(1.0)  # min(1, lam K softmax)
+            # softmax of -||z - c||^2 / tau (+ a per-row constant): one fused max / exp / sum pass
+            w = torch.softmax(left_all[r0 : r0 + rows] @ right.T, dim=1)
+            w.mul_(lam * k).clamp_max_(1.0)  # min(1, lam K softmax)
             w.scatter_(1, idx[r0 : r0 + rows, None], 1.0)  # the winner's weight is 1
             nonwinner += (w.sum(1) - 1).double().sum()
-            acc.addmm_(w.T, stats_all[r0 : r0 + rows])  # [S | W | Q]
-        weighted_z, weight_sum, weighted_z_sq = acc[:, :d], acc[:, d], acc[:, d + 1]
+            acc.addmm_(stats_all[r0 : r0 + rows].T, w)
+        weighted_z, weight_sum, weighted_z_sq = acc[:d].T, acc[d], acc[d + 1]
         total = (weighted_z_sq.double().sum() - 2 * (codebook * weighted_z).double().sum()
                  + (code_sq * weight_sum).double().sum())
         ctx.save_for_backward(codebook, weight_sum, weighted_z)
