@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py
 	$(PY) benchmarks/bench_kv_cache.py
+	$(PY) benchmarks/bench_threads.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -318,9 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+THREADS_HELP = ("torch intra-op threads (default: one per CPU this process may run on). Beside another busy "
+                "process, fewer run faster: the tiny tokenizer's step is 3.4x slower with 2 threads and 1.1x with 1 "
+                "(benchmarks/results/threads.md)")
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on ``parser`` and every subcommand below it, so it may stand before or after the command."""
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=THREADS_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_threads(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from stage1_tokenizer.runtime import set_threads
+
+    parser = build_parser()
+    _add_threads(parser)
+    args = parser.parse_args(argv)
     try:
+        set_threads(getattr(args, "threads", None))
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad user input: one clear line, no traceback
         print(f"vqgen: error: {e}", file=sys.stderr)
