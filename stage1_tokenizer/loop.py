@@ -2,6 +2,10 @@
 
 A stage subclasses :class:`TrainLoop` and supplies the models (``_build``), one micro-batch step
 (``_step``) and its side outputs (``_after_step``, ``_write_samples``, ``_finish``).
+
+A step never waits for the device: its logged values stay tensors until a step that logs, and the
+finite check of the loss is kept on the device and read when the loop next logs, writes samples or
+checkpoints (before anything is written), so a GPU runs ahead of the host between those steps.
 """
 from __future__ import annotations
 
@@ -31,6 +35,19 @@ from .tracking import flat_config, log_images, scalars, tracker_kwargs, trackers
 logger = logging.getLogger(__name__)
 
 
+def host_values(logs: dict) -> dict:
+    """``logs`` with its tensor values read back as floats in one transfer per device."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in tensors.items():
+        by_device.setdefault(v.device, []).append(k)
+    out = dict(logs)
+    for keys in by_device.values():
+        values = torch.stack([tensors[k].detach().double().reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return out
+
+
 class TrainLoop(abc.ABC):
     """One restartable run: ``cfg.train`` holds batch size, steps, precision, cadences and the seed."""
 
@@ -45,6 +62,7 @@ class TrainLoop(abc.ABC):
         self.acc = make_accelerator(t.mixed_precision, t.grad_accum, self.trackers, self.out)
         set_seed(t.seed)
         self.state = TrainState()
+        self._first_bad: torch.Tensor | None = None  # on the device: first step with a non-finite loss, or -1
 
     def _loader(self, dataset, num_workers: int = 0) -> DataLoader:
         """Epoch-seeded order; the loader's own generator keeps iterator creation off the global RNG, so a
@@ -90,22 +108,32 @@ class TrainLoop(abc.ABC):
             self.acc.init_trackers(name, config=flat_config(to_dict(self.cfg)),
                                    init_kwargs=tracker_kwargs(self.trackers, name, self.out, self.state.step))
 
-    def _check_finite(self, loss: torch.Tensor | None, error: str | None, step: int) -> None:
-        """Stop every rank on a non-finite loss, naming the last good checkpoint."""
-        bad = torch.tensor([loss is None or not bool(torch.isfinite(loss))], device=self.acc.device)
-        if bool(self.acc.gather(bad).any()):
+    def _watch_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Note on the device whether this step's loss is finite; :meth:`_raise_if_diverged` reads it."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+
+    def _raise_if_diverged(self) -> None:
+        """Stop every rank if any rank saw a non-finite loss, naming its step and the last good checkpoint
+        (one host read; nothing is written after the bad step)."""
+        if self._first_bad is None:
+            return
+        bad = [s for s in self.acc.gather(self._first_bad.reshape(1)).tolist() if s >= 0]
+        if bad:
             latest = self.ckpt.latest()
-            raise TrainingDiverged(f"non-finite loss at step {step}{': ' + error if error else ''}; "
-                                   f"stopping. Last good checkpoint: {latest or 'none yet'} (resume with --resume)")
+            raise TrainingDiverged(f"non-finite loss at step {min(bad)}; stopping. Last good checkpoint: "
+                                   f"{latest or 'none yet'} (resume with --resume)")
 
     @property
     def unwrapped(self):
         """The model without its DDP / accelerate wrapper."""
         return self.acc.unwrap_model(self.model)
 
-    def _optimise(self, loss: torch.Tensor | None, step: int, error: str | None = None) -> None:
-        """Finite check across ranks, backward, clip to norm 1, optimiser and lr-schedule step."""
-        self._check_finite(loss, error, step)
+    def _optimise(self, loss: torch.Tensor, step: int) -> None:
+        """Finite watch, backward, clip to norm 1, optimiser and lr-schedule step."""
+        self._watch_finite(loss, step)
         self.acc.backward(loss)
         if self.acc.sync_gradients:
             self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -132,7 +160,8 @@ class TrainLoop(abc.ABC):
 
     @abc.abstractmethod
     def _step(self, batch, step: int) -> dict:
-        """One micro-batch: forward, backward (``_optimise``); returns the values to log."""
+        """One micro-batch: forward, backward (``_optimise``); returns the values to log (0-dim tensors stay
+        on the device; the loop reads them only on a step that logs)."""
 
     def _after_step(self, step: int, logs: dict) -> None:
         """Extra measurements after the optimiser step (added to ``logs``)."""
@@ -174,15 +203,22 @@ class TrainLoop(abc.ABC):
             step += 1
             self.state.step = step
             self._after_step(step, logs)
-            if self.acc.is_main_process and (self._log_now(step, logs) or step == total):
-                record = {"step": step, **scheduled, **logs}
-                self.metrics.write(record)
-                self.acc.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
+            log = self._log_now(step, logs) or step == total
+            samples = step % t.sample_every == 0 or step == total
+            save = step % t.checkpoint_every == 0 or step == total
+            if log or samples or save:
+                self._raise_if_diverged()
+            if log:
+                logs = host_values(logs)
+                bar.set_postfix(self._postfix(logs))
+                if self.acc.is_main_process:
+                    record = {"step": step, **scheduled, **logs}
+                    self.metrics.write(record)
+                    self.acc.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
             bar.update(1)
-            bar.set_postfix(self._postfix(logs))
-            if self.acc.is_main_process and (step % t.sample_every == 0 or step == total):
+            if self.acc.is_main_process and samples:
                 log_images(self.acc.trackers, self._write_samples(step), step)
-            if step % t.checkpoint_every == 0 or step == total:
+            if save:
                 self.ckpt.save(self.acc, step)
         bar.close()
         return self._finish(step, time.time() - start)

@@ -106,7 +106,7 @@ def run_variant(name: str, stream, steps: int, num_codes: int, lr: float, record
             opt.zero_grad()
             loss.backward()
             opt.step()
-        curve.append({"step": step, "usage": out.stats["usage"], "perplexity": out.stats["perplexity"],
+        curve.append({"step": step, "usage": float(out.stats["usage"]), "perplexity": float(out.stats["perplexity"]),
                       "loss": loss.item()})
         if step % record_every == 0 or step == steps - 1:
             with torch.no_grad():

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from eval.codebook import code_counts
+
 from .config import from_dict
 from .data import build_dataset, skipped_files
 from .loop import TrainLoop
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
 from .plots import plot_drift, plot_kernel_regime, plot_usage, save_recon_grid
+from .quantizers import Quantizer
 from .schedules import apply_schedules, encoder_frozen
 from .tokenizer_config import TokenizerConfig
 
@@ -54,6 +57,9 @@ class TokenizerTrainer(TrainLoop):
         self.skipped = skipped_files(self.dataset)
         loader = self._loader(self.dataset, cfg.data.num_workers)
         self.model = VQTokenizer.from_configs(m, cfg.quantizer)
+        for module in self.model.modules():  # the loop's finite watch on the loss replaces their per-step sync
+            if isinstance(module, Quantizer):
+                module.check_finite = False
         self.out.mkdir(parents=True, exist_ok=True)  # only once config, data and quantizer are known to be valid
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
@@ -85,7 +91,7 @@ class TokenizerTrainer(TrainLoop):
     def _count_epoch_codes(self, indices: torch.Tensor) -> None:
         """Mark the codes this batch selected (all depths of an rvq together), for ``usage_epoch``."""
         hits = self.state.extra.get("epoch_hits")
-        batch = torch.bincount(indices.detach().reshape(-1), minlength=self.cfg.quantizer.num_codes) > 0
+        batch = code_counts(indices.detach(), self.cfg.quantizer.num_codes, torch.float32) > 0
         self.state.extra["epoch_hits"] = batch if hits is None else hits.to(batch.device) | batch  # no host copy
 
     def _close_epoch(self, logs: dict) -> None:
@@ -109,35 +115,31 @@ class TokenizerTrainer(TrainLoop):
         recon, q = self.model(x, freeze_encoder=encoder_frozen(step, self.cfg.schedule))
         self._count_epoch_codes(q.indices)
         rec = F.mse_loss(recon.float(), x.float())
-        logs = {"mse": rec.item(), "q_loss": q.loss.item(), **q.stats}
+        logs = {"mse": rec.detach(), "q_loss": q.loss.detach(), **q.stats}  # tensors: read when the loop logs
         nll = cfg.mse_weight * rec
         if cfg.l1_weight > 0:
             l1 = F.l1_loss(recon.float(), x.float())
             nll = nll + cfg.l1_weight * l1
-            logs["l1"] = l1.item()
+            logs["l1"] = l1.detach()
         if self.lpips is not None:
             n = cfg.lpips_images or len(x)  # batches are shuffled: the first n are a random subset
             p = self.lpips(recon[:n].float(), x[:n].float()).mean()
             nll = nll + cfg.lpips_weight * p
-            logs["lpips"] = p.item()
+            logs["lpips"] = p.detach()
         loss = nll + cfg.quantizer_weight * q.loss
         if self.disc is not None and step >= cfg.disc_start:
             g = hinge_g_loss(self.disc(recon))
             last = self.unwrapped.decoder.conv_out.weight
             w = adaptive_weight(nll, g, last, cfg.disc_weight) if torch.is_grad_enabled() else cfg.disc_weight
             loss = loss + w * g
-            logs.update(g_loss=g.item(), d_weight=float(w))
+            logs.update(g_loss=g.detach(), d_weight=w.detach() if isinstance(w, torch.Tensor) else w)
         return loss, logs, recon
 
     def _step(self, batch, step: int) -> dict:
         x, _ = batch
         with self.acc.accumulate(self.model):
-            error = None
-            try:
-                loss, logs, recon = self._losses(x, step)
-            except FloatingPointError as e:  # non-finite latents from the encoder
-                loss, logs, recon, error = None, {}, None, str(e)
-            self._optimise(loss, step, error)
+            loss, logs, recon = self._losses(x, step)
+            self._optimise(loss, step)
         if self.disc is not None and step >= self.cfg.loss.disc_start:
             with self.acc.accumulate(self.disc):
                 self.disc_opt.zero_grad(set_to_none=True)  # drop what the generator's backward left in D
@@ -147,8 +149,8 @@ class TokenizerTrainer(TrainLoop):
                 self.acc.backward(d)
                 self.disc_opt.step()
                 self.disc_opt.zero_grad(set_to_none=True)
-            logs["d_loss"] = d.item()
-        logs["loss"] = loss.item()
+            logs["d_loss"] = d.detach()
+        logs["loss"] = loss.detach()
         return logs
 
     # --- side outputs ----------------------------------------------------------------------

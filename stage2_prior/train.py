@@ -206,7 +206,7 @@ class GPTTrainer(PriorTrainer):
             logits = self.model(input_ids=inputs).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             self._optimise(loss, step)
-        return {"loss": loss.item(), "lr": self.sched.get_last_lr()[0]}
+        return {"loss": loss.detach(), "lr": self.sched.get_last_lr()[0]}
 
     @torch.no_grad()
     def sample_images(self, n: int, seed: int) -> torch.Tensor:
@@ -274,7 +274,7 @@ class LDMTrainer(PriorTrainer):
             self._optimise(loss, step)
         if self.acc.sync_gradients:
             self.ema.step(self.model.parameters())
-        return {"loss": loss.item(), "lr": self.sched.get_last_lr()[0]}
+        return {"loss": loss.detach(), "lr": self.sched.get_last_lr()[0]}
 
     def ema_unet(self):
         """A copy of the UNet holding the EMA weights."""

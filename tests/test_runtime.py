@@ -31,3 +31,91 @@ def test_threads_option_stands_before_or_after_the_command(argv, keep_threads, c
 def test_bad_thread_count_is_a_clear_error(keep_threads, capsys):
     assert main(["quantizers", "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+# --- no host syncs in a training step ------------------------------------------------------------
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from stage1_tokenizer.quantizers import QUANTIZERS  # noqa: E402
+from stage1_tokenizer.train import TokenizerTrainer  # noqa: E402
+from stage2_prior.train import TRAINERS  # noqa: E402
+
+from stage1_helpers import small_config  # noqa: E402
+from stage2_helpers import prior_config, tiny_tokenizer_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tuple(str(ROOT / d) for d in ("stage1_tokenizer", "stage2_prior", "eval", "pipelines"))
+SYNCING = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__")
+QUIET = ["train.log_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000", "train.max_steps=1000"]
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Count calls that read a tensor back to the host (each a device sync on a GPU) made from vqgen's or
+    accelerate's code; torch's own (e.g. Adam's CPU step counter) are not the project's."""
+    calls = []
+
+    def counting(name, real):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PROJECT) or "/accelerate/" in caller:
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return real(self, *args, **kwargs)
+        return wrapper
+
+    def start():
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        return calls
+    return start
+
+
+def _syncs_over(trainer, count_syncs, first: int, second: int) -> tuple[list, list]:
+    """Host reads of a run to ``first`` steps and of its continuation to ``second``: both end with one log and one
+    checkpoint, so with no per-step syncs the two lists are equally long."""
+    trainer.train(max_steps=1)  # warm-up outside the count (first forward: lazy init, k-means, ...)
+    calls = count_syncs()
+    trainer.train(max_steps=first)
+    short = list(calls)
+    calls.clear()
+    trainer.train(max_steps=second)
+    return short, list(calls)
+
+
+@pytest.mark.parametrize("quantizer", [*QUANTIZERS, "vq+reservoir"])
+def test_tokenizer_step_reads_nothing_back_between_logs(quantizer, tmp_path, count_syncs):
+    """Every variant; SF-DiVeQ ends its warm-up inside the count, the reservoir fills every step."""
+    extra = {"sf-diveq": ["quantizer.options.warmup=2"], "sf-diveq-detach": ["quantizer.options.warmup=2"],
+             "vq+reservoir": ["quantizer.options.replacement=reservoir"]}.get(quantizer, [])
+    quantizer = quantizer.split("+")[0]
+    trainer = TokenizerTrainer(small_config(f"quantizer.name={quantizer}", "schedule.drift_every=1000", *QUIET,
+                                            *extra), tmp_path / "run")
+    short, long = _syncs_over(trainer, count_syncs, 3, 9)
+    assert short, "the final log reads values back, so the counter must see it"
+    assert len(long) == len(short), (short, long)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "ldm"])
+def test_prior_step_reads_nothing_back_between_logs(kind, tmp_path, count_syncs):
+    tok = tiny_tokenizer_run(tmp_path / "tok")
+    # batch 2: the 30-odd cached sequences last the run, so no epoch starts (its shuffle reads a CPU permutation)
+    trainer = TRAINERS[kind](prior_config(kind, tok, *QUIET, "train.val_every=1000", "train.batch_size=2"),
+                             tmp_path / kind)
+    short, long = _syncs_over(trainer, count_syncs, 3, 9)
+    assert short and len(long) == len(short), long
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_training_steps_do_not_synchronise(tmp_path):
+    """torch's sync debug mode raises on any synchronising CUDA call inside the quiet steps."""
+    trainer = TokenizerTrainer(small_config("quantizer.name=diveq", "schedule.drift_every=1000", *QUIET),
+                               tmp_path / "run")
+    trainer.train(max_steps=2)
+    batches = trainer._epoch_iter(trainer.state.step)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 6):
+            trainer._step(next(batches), step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

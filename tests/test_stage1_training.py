@@ -267,10 +267,10 @@ def test_lpips_images_scores_only_the_first_n_images_of_each_batch(tmp_path):
     y = x.clone()
     y[4:] = -y[4:]
     with torch.no_grad():
-        first, second = (trainer._losses(batch, 0)[1]["lpips"] for batch in (x, y))
+        first, second = (trainer._losses(batch, 0)[1]["lpips"].item() for batch in (x, y))
         recon = trainer.unwrapped(x)[0]
         direct = load_lpips("vgg", "cpu")(recon[:4].expand(-1, 3, -1, -1), x[:4].expand(-1, 3, -1, -1)).mean().item()
     assert first == pytest.approx(second, rel=1e-5) and first == pytest.approx(direct, rel=1e-5)
     cfg.loss.lpips_images = None
     with torch.no_grad():
-        assert trainer._losses(x, 0)[1]["lpips"] != pytest.approx(trainer._losses(y, 0)[1]["lpips"], rel=1e-3)
+        assert trainer._losses(x, 0)[1]["lpips"].item() != pytest.approx(trainer._losses(y, 0)[1]["lpips"].item(), rel=1e-3)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.codebook import code_counts, perplexity, usage
+from eval.codebook import code_counts, step_stats
 
 from .maintenance import CodebookMaintenance
 from .search import DEFAULT_MAX_ELEMENTS, nearest_code
@@ -42,6 +42,7 @@ class Quantizer(nn.Module, abc.ABC):
     default_replacement = "none"
     supports_code_space = True  # whether latents map into the raw codebook's space (reservoir, k-means)
     nearest_lookup = True  # whether inference tokens are nearest codes of lookup_space (Gumbel: logits' argmax)
+    check_finite = True  # raise at once on non-finite latents (a host sync); a trainer that checks its loss turns it off
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,
                  replace_every: int | None = None, replace_until: int | None = None, dead_threshold: float = 0.01,
@@ -128,7 +129,7 @@ class Quantizer(nn.Module, abc.ABC):
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.dim:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"{type(self).__name__} expects latents of shape (B, {self.dim}, H, W); got {shape}")
-        if not torch.isfinite(z).all():  # before any codebook state (EMA sums, counters) could absorb it
+        if self.check_finite and not torch.isfinite(z).all():  # before any codebook state (EMA sums, counters) could absorb it
             raise FloatingPointError(f"{type(self).__name__} got non-finite latents (NaN or inf); codebook left unchanged")
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -148,7 +149,7 @@ class Quantizer(nn.Module, abc.ABC):
             zq, idx = self._eval_step(flat)
             loss = flat.new_zeros(())
         counts = code_counts(idx, self.num_codes)
-        stats = {"perplexity": perplexity(counts), "usage": usage(counts), **self.maintenance.stats(),
+        stats = {**step_stats(counts), **self.maintenance.stats(),
                  **(self.step_stats() if self.training else {})}
         quantized = zq.view(b, h, w, d).permute(0, 3, 1, 2)
         return QuantizerOutput(quantized, idx.view(b, h, w), loss, stats)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from eval.codebook import code_counts
+
 from .base import Quantizer, straight_through
 from .distributed import all_reduce_sum
 
@@ -11,7 +13,7 @@ from .distributed import all_reduce_sum
 @torch.no_grad()
 def ema_update(q: Quantizer, z: torch.Tensor, idx: torch.Tensor) -> None:
     """One EMA step of ``q.codebook`` from ``q.cluster_size``/``q.embed_sum``, counts and sums all-reduced."""
-    n = all_reduce_sum(torch.bincount(idx, minlength=q.num_codes).to(q.embed_sum.dtype))
+    n = all_reduce_sum(code_counts(idx, q.num_codes, q.embed_sum.dtype))
     m = all_reduce_sum(torch.zeros_like(q.embed_sum).index_add_(0, idx, z.detach().to(q.embed_sum.dtype)))
     q.cluster_size.mul_(q.decay).add_(n, alpha=1 - q.decay)  # N_k <- g N_k + (1-g) n_k
     q.embed_sum.mul_(q.decay).add_(m, alpha=1 - q.decay)  # M_k <- g M_k + (1-g) m_k

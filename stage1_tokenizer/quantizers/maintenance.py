@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eval.codebook import code_counts
+
 from .distributed import all_gather_rows, all_reduce_sum, broadcast_
 from .search import nearest_code
 
@@ -24,7 +26,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
     centres = x[start].clone()
     for _ in range(iters):
         idx, _ = nearest_code(x, centres)
-        counts = torch.bincount(idx, minlength=k).to(x.dtype)
+        counts = code_counts(idx, k, x.dtype)
         sums = torch.zeros_like(centres).index_add_(0, idx, x)
         filled = counts > 0
         centres[filled] = sums[filled] / counts[filled, None]
@@ -35,8 +37,12 @@ class CodebookMaintenance(nn.Module):
     """Counts code usage per window of steps and replaces dead codes when a window closes.
 
     Replacement runs at the start of the next training forward, before the codebook enters the
-    graph, so the in-place write never touches a tensor autograd has saved.
+    graph, so the in-place write never touches a tensor autograd has saved. The counters that steer
+    control flow live twice: as buffers (checkpointed) and as Python mirrors (read each step without
+    a host sync on GPUs); loading a state dict refreshes the mirrors.
     """
+
+    MIRRORED = ("step", "initialized", "due", "replaced_total", "reservoir_fill", "reservoir_pos")
 
     def __init__(self, num_codes: int, code_dim: int, policy: str, every: int | None, until: int | None,
                  dead_threshold: float, noise: float, reservoir_size: int, kmeans_init: bool, kmeans_iters: int,
@@ -67,38 +73,52 @@ class CodebookMaintenance(nn.Module):
             self.register_buffer("reservoir", torch.zeros(reservoir_size, code_dim))
             self.register_buffer("reservoir_fill", torch.zeros((), dtype=torch.long))
             self.register_buffer("reservoir_pos", torch.zeros((), dtype=torch.long))
+        self._refresh_mirrors()
+
+    def _refresh_mirrors(self) -> None:
+        """Python copies of the control-flow buffers (one host read, at build and load time only)."""
+        self.mirror = {name: getattr(self, name).item() for name in self.MIRRORED if hasattr(self, name)}
+
+    def _set(self, name: str, value) -> None:
+        """Write a mirrored counter: the Python copy and its buffer (``fill_`` of a host value: no sync)."""
+        self.mirror[name] = value
+        getattr(self, name).fill_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_mirrors()
 
     def needs_latents(self) -> bool:
         """Whether this step uses the latents themselves (k-means init pending, or a reservoir)."""
-        return self.policy == "reservoir" or not bool(self.initialized)
+        return self.policy == "reservoir" or not self.mirror["initialized"]
 
     @torch.no_grad()
     def before_step(self, quantizer, z_code: torch.Tensor | None) -> None:
         """k-means init on the first training batch; pending replacement."""
         self.last_replaced = 0
-        if not bool(self.initialized):
+        if not self.mirror["initialized"]:
             x = all_gather_rows(z_code.detach().float())
             quantizer._write_codes(torch.arange(self.num_codes, device=x.device), kmeans(x, self.num_codes, self.kmeans_iters))
             self._broadcast_state(quantizer)
-            self.initialized.fill_(True)
-        if bool(self.due):
+            self._set("initialized", True)
+        if self.mirror["due"]:
             self._replace(quantizer)
-            self.due.fill_(False)
+            self._set("due", False)
 
     @torch.no_grad()
     def after_step(self, indices: torch.Tensor, z_code: torch.Tensor | None) -> None:
         """Count which codes this step selected (summed over ranks) and schedule replacement."""
-        self.step += 1
+        self._set("step", self.mirror["step"] + 1)
         if self.policy == "none":
             return
-        hits = all_reduce_sum(torch.bincount(indices.reshape(-1), minlength=self.num_codes).float())
+        hits = all_reduce_sum(code_counts(indices, self.num_codes, torch.float32))
         self.steps_selected += (hits > 0).float()
         self.window_steps += 1
         if self.policy == "reservoir" and z_code is not None:
             self._push_reservoir(z_code.detach())
-        if int(self.step) % self.every == 0:
-            if self.replacement_allowed(int(self.step)):
-                self.due.fill_(True)
+        if self.mirror["step"] % self.every == 0:
+            if self.replacement_allowed(self.mirror["step"]):
+                self._set("due", True)
             else:
                 self._reset_window()
 
@@ -113,11 +133,11 @@ class CodebookMaintenance(nn.Module):
         size = self.reservoir.shape[0]
         if x.shape[0] > size:
             x = x[torch.randperm(x.shape[0], device=x.device)[:size]]
-        pos = int(self.reservoir_pos)
+        pos = self.mirror["reservoir_pos"]
         slots = (torch.arange(x.shape[0], device=x.device) + pos) % size
         self.reservoir[slots] = x.to(self.reservoir.dtype)
-        self.reservoir_pos.fill_((pos + x.shape[0]) % size)
-        self.reservoir_fill.fill_(min(size, int(self.reservoir_fill) + x.shape[0]))
+        self._set("reservoir_pos", (pos + x.shape[0]) % size)
+        self._set("reservoir_fill", min(size, self.mirror["reservoir_fill"] + x.shape[0]))
 
     def dead_codes(self) -> torch.Tensor:
         """Boolean mask of codes dead in the current window: selected in fewer than ``dead_threshold`` of its steps
@@ -133,7 +153,7 @@ class CodebookMaintenance(nn.Module):
         if n_dead and live.any():
             dst = dead.nonzero().squeeze(1)
             if self.policy == "reservoir":
-                fill = int(self.reservoir_fill)
+                fill = self.mirror["reservoir_fill"]
                 if fill:
                     pick = torch.randint(fill, (n_dead,), device=dst.device)
                     quantizer._write_codes(dst, self.reservoir[pick])
@@ -148,7 +168,7 @@ class CodebookMaintenance(nn.Module):
                 quantizer._copy_codes(dst, src, self.noise)
             self._broadcast_state(quantizer)
             self.last_replaced = n_dead
-            self.replaced_total += n_dead
+            self._set("replaced_total", self.mirror["replaced_total"] + n_dead)
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -161,4 +181,4 @@ class CodebookMaintenance(nn.Module):
             broadcast_(t.data)
 
     def stats(self) -> dict:
-        return {"replaced": self.last_replaced, "replaced_total": int(self.replaced_total)}
+        return {"replaced": self.last_replaced, "replaced_total": self.mirror["replaced_total"]}

@@ -82,13 +82,13 @@ def dense_embedding_loss(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Ten
     return _DenseEmbeddingLoss.apply(codebook, z, idx, float(tau), float(lam), max_elements)
 
 
-def spread_ratio(codebook: torch.Tensor, z: torch.Tensor) -> float:
+def spread_ratio(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """RMS distance of the codes to their mean over that of the latents to theirs: near 0, the codes have
     collapsed onto the latents' mean (the near-uniform kernel regime)."""
     codes = codebook.detach().float()
     z = z.detach().float()
     code_spread = (codes - codes.mean(0)).pow(2).sum(1).mean().sqrt()
-    return float(code_spread / (z - z.mean(0)).pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
+    return code_spread / (z - z.mean(0)).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
 
 
 class NSVQ(Quantizer):
@@ -132,6 +132,6 @@ class NSVQ(Quantizer):
         a = self.ste_coefficient(z.shape[0])
         zq = straight_through(z, c) + (a * c - (a * c).detach())  # Eq. 18
         loss, mass = dense_embedding_loss(z, self.codebook, idx, self.tau, self.lam, self.max_search_elements)
-        self._regime = {"nonwinner_weight": float(mass), "spread_ratio": spread_ratio(self.codebook, z)}
+        self._regime = {"nonwinner_weight": mass, "spread_ratio": spread_ratio(self.codebook, z)}  # tensors: no sync
         loss = loss + self.beta * F.mse_loss(z, c.detach())
         return zq, idx, loss

@@ -90,10 +90,15 @@ class SFDiVeQ(Quantizer):
         self.inference, self.hard_inference = inference, False  # hard_inference: the tokenizer's override
         self.codebook = nn.Parameter(torch.empty(self.num_codes, self.dim).uniform_(0, 1 / self.num_codes))
         self.register_buffer("data_initialized", torch.tensor(self.warmup == 0))
+        self._initialized = self.warmup == 0  # the buffer's Python mirror: read each step without a host sync
         self._recent: deque[torch.Tensor] = deque(maxlen=int(init_batches))
 
     def effective_codebook(self) -> torch.Tensor:
         return self.codebook
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.data_initialized)
 
     def extra_state(self) -> dict:
         """Training state outside parameters and buffers: the warm-up latents kept for the initialisation."""
@@ -116,20 +121,21 @@ class SFDiVeQ(Quantizer):
         self.maintenance._broadcast_state(self)
         self._recent.clear()
         self.data_initialized.fill_(True)
+        self._initialized = True
 
     def _nearest_endpoint(self, z, i):
         c1, c2 = self.codebook[i], self.codebook[i + 1]
         return torch.where((z - c2).pow(2).sum(1) < (z - c1).pow(2).sum(1), i + 1, i)
 
     def _train_step(self, z):
-        step = int(self.maintenance.step)
+        step = self.maintenance.mirror["step"]
         if step < self.warmup:  # no quantisation during warm-up
             self._recent.append(z.detach().clone())
             idx = self.nearest(z, self.codebook)
             if step == self.warmup - 1:  # the end of the last warm-up step: the next step quantises
                 self._init_from_latents()
             return z, idx, z.new_zeros(())
-        if not bool(self.data_initialized):  # a warm-up that ended before this quantizer was built
+        if not self._initialized:  # a warm-up that ended before this quantizer was built
             self._init_from_latents()
         lam = torch.rand(self.num_codes - 1, 1, device=z.device, dtype=z.dtype)
         dithered = (1 - lam) * self.codebook[:-1] + lam * self.codebook[1:]
