@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py
 	$(PY) benchmarks/bench_kv_cache.py
 	$(PY) benchmarks/bench_threads.py
+	$(PY) benchmarks/bench_compile.py
 
 clean:
 	rm -rf $(VENV) runs

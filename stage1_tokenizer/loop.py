@@ -80,6 +80,9 @@ class TrainLoop(abc.ABC):
         """After ``acc.prepare``: checkpointing, metrics, step counts, and resume or a fresh config."""
         t = self.cfg.train
         self.loader = loader
+        # the compiled wrapper shares the parameters and is used by the training step only: checkpoints,
+        # weights, validation and sampling see the plain module (no "_orig_mod." keys, no recompiles)
+        self.train_model = torch.compile(self.model) if t.compile else self.model
         self.acc.register_for_checkpointing(self.state)
         self.ckpt = CheckpointManager(self.out / "checkpoints", t.keep_checkpoints)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")

@@ -74,6 +74,7 @@ class TrainConfig:
     epochs: int | None = None  # used when max_steps is None
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
+    compile: bool = False  # torch.compile the training forward (quantizers stay eager: data-dependent control flow)
     warmup_steps: int = 0
     log_every: int = 10
     checkpoint_every: int = 100

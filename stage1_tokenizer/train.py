@@ -112,7 +112,7 @@ class TokenizerTrainer(TrainLoop):
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
         cfg = self.cfg.loss
-        recon, q = self.model(x, freeze_encoder=encoder_frozen(step, self.cfg.schedule))
+        recon, q = self.train_model(x, freeze_encoder=encoder_frozen(step, self.cfg.schedule))
         self._count_epoch_codes(q.indices)
         rec = F.mse_loss(recon.float(), x.float())
         logs = {"mse": rec.detach(), "q_loss": q.loss.detach(), **q.stats}  # tensors: read when the loop logs

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from diffusers import LDMPipeline
 from diffusers.training_utils import EMAModel
 from torch.utils.data import TensorDataset
@@ -86,7 +87,8 @@ class PriorTrainer(TrainLoop):
         tok = Path(cfg.tokenizer).resolve()  # a sweep's tokenizer lives in <run>/tokenizer: name the run
         self.desc = f"{cfg.kind}[{tok.parent.name if tok.name == 'tokenizer' else tok.name}]"
         t = cfg.train
-        model, examples = self._build()
+        set_seed(t.seed)  # encoding the code cache (first use only) draws random numbers: the initial weights must not
+        model, examples = self._build()  # depend on whether the cache already existed
         train_idx, val_idx = split_validation(len(examples[0]), t.val_fraction, t.val_max_examples, t.seed)
         self.val = tuple(x[val_idx] for x in examples)
         self.train_probe = tuple(x[train_idx[:len(val_idx)]] for x in examples)  # same size: curves comparable
@@ -203,7 +205,7 @@ class GPTTrainer(PriorTrainer):
         K = self.codes.num_codes
         with self.acc.accumulate(self.model):
             inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None)
-            logits = self.model(input_ids=inputs).logits
+            logits = self.train_model(input_ids=inputs).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             self._optimise(loss, step)
         return {"loss": loss.detach(), "lr": self.sched.get_last_lr()[0]}
@@ -270,7 +272,7 @@ class LDMTrainer(PriorTrainer):
     def _step(self, batch, step: int) -> dict:
         latents, _ = batch
         with self.acc.accumulate(self.model):
-            loss = diffusion_loss(self.model, self.noise_scheduler, latents)
+            loss = diffusion_loss(self.train_model, self.noise_scheduler, latents)
             self._optimise(loss, step)
         if self.acc.sync_gradients:
             self.ema.step(self.model.parameters())

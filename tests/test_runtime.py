@@ -119,3 +119,21 @@ def test_cuda_training_steps_do_not_synchronise(tmp_path):
             trainer._step(next(batches), step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
+    """train.compile: the same losses as eager (to float tolerance) and checkpoints without the compiled wrapper's
+    "_orig_mod." keys, so compiled and eager runs resume each other. The eager run encodes the code cache, the
+    compiled one reads it: equal losses also show the cache's creation leaves the initial weights alone."""
+    from safetensors.torch import load_file
+
+    tok = tiny_tokenizer_run(tmp_path / "tok")
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"gpt-{compiled}"
+        cfg = prior_config("gpt", tok, "train.max_steps=3", "train.val_fraction=0", f"train.compile={str(compiled).lower()}")
+        TRAINERS["gpt"](cfg, out).train()
+        losses[compiled] = [r["loss"] for r in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines())]
+        keys = list(load_file(next((out / "checkpoints").glob("step-*/model.safetensors"))))
+        assert keys and not any("_orig_mod" in k for k in keys)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -132,6 +132,7 @@ class Quantizer(nn.Module, abc.ABC):
         if self.check_finite and not torch.isfinite(z).all():  # before any codebook state (EMA sums, counters) could absorb it
             raise FloatingPointError(f"{type(self).__name__} got non-finite latents (NaN or inf); codebook left unchanged")
 
+    @torch.compiler.disable  # Python-steered state (mirrors, schedules) and data-dependent shapes: stays eager
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self._check_input(z)
         with torch.autocast(z.device.type, enabled=False):  # quantisation runs in fp32 under mixed precision

@@ -27,6 +27,7 @@ class ResidualVQ(nn.Module):
     def effective_codebook(self) -> torch.Tensor:
         return torch.stack([s.effective_codebook() for s in self.stages])
 
+    @torch.compiler.disable  # as every quantizer: eager under train.compile
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         residual, total, loss, indices, stats = z, None, z.new_zeros(()), [], {}
         for level, stage in enumerate(self.stages):
