@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py
+	$(PY) benchmarks/bench_fid.py
 	$(PY) benchmarks/bench_kv_cache.py
 	$(PY) benchmarks/bench_threads.py
 	$(PY) benchmarks/bench_compile.py

@@ -1,19 +1,21 @@
-"""Images per second of FID feature extraction (decode + clean resize to 299 + Inception), eval.fid beside clean-fid.
+"""FID feature throughput (decode + clean resize to 299 + Inception pool3), side by side in one run.
 
-    python benchmarks/bench_fid.py                      # -> benchmarks/results/fid_features.{json,md}
-    python benchmarks/bench_fid.py --num-images 64      # quicker, batch sizes above 64 are skipped
+    python benchmarks/bench_fid.py                    # -> benchmarks/results/fid_features.{json,md}
 
-The same folder of procedural 64x64 PNGs goes through ``eval.fid.extract_features`` at every batch size and torch
-thread count (1, 2 and torch's default), and through clean-fid's own loop (``cleanfid.fid.get_folder_features``
-with the same network as custom extractor, mode="clean", num_workers=0) at each thread count with its compute_fid
-default batch of 32. Each run is timed once after a warm-up batch, so a busy machine shows up as noise: the load
-average is recorded beside every row.
+Three loops over the same folder of procedural 64x64 PNGs, alternated ``--repeats`` times after a warm-up,
+at this process's thread count and one batch size:
+  eval.fid    ``extract_features(folder)``: the decoded (B, H, W, 3) batch goes in as a channels-last view, at the
+              device's default batch (8 on a CPU);
+  NCHW        the same loop with the batch made contiguous NCHW first, at batch 64: eval.fid before issue 18;
+  clean-fid   ``cleanfid.fid.get_folder_features`` with the same network as its custom extractor, mode "clean",
+              at eval.fid's batch.
+The ratio of the best pass of each loop is the speed-up. Same numbers: FID between this folder and a second
+one, from eval.fid's features and from clean-fid's ``compute_fid`` on the same folders and network.
 """
 import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -23,25 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.fid import extract_features, image_files, read_resized
+import eval.fid as fid_module
+from eval.fid import extract_features, fid_from_features
 from eval.inception import load_inception
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BATCH_SIZES = [32, 64, 128]
-CLEANFID_BATCH = 32
 
 
-def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def make_folder(path, n):
+def make_folder(path, n, seed):
     """n procedural 64x64 RGB PNGs: random plane waves per channel."""
-    rng = np.random.default_rng(0)
+    os.makedirs(path)
+    rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(0, 1, 64), np.linspace(0, 1, 64), indexing="ij")
     for i in range(n):
         f, p = rng.uniform(3, 23, (3, 2)), rng.uniform(0, 6.28, 3)
@@ -50,83 +44,86 @@ def make_folder(path, n):
     return path
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+class Contiguous(torch.nn.Module):
+    """The network fed a contiguous NCHW copy of its input: the layout eval.fid used before channels-last."""
 
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
 
-def write_markdown(path, meta, rows, best, best_default):
-    lines = [
-        "# FID feature extraction throughput", "",
-        f"- Date: {meta['date']}",
-        f"- Command: `{meta['command']}`",
-        f"- CPU: {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']} (default {meta['default_threads']} "
-        f"threads); device {meta['device']}; 1-min load average {meta['load_start']:.2f} at start, "
-        f"{meta['load_end']:.2f} at end",
-        f"- Input: {meta['num_images']} PNGs, 64x64, one folder; clean resize to 299 then Inception pool3. "
-        f"Decode + resize alone: {meta['load_ms']:.1f} ms per image in one thread.",
-        "- Each row is one timed pass over the folder after a warm-up batch; `eval.fid` is "
-        "`extract_features(folder, batch_size=B, num_workers=0)`, `clean-fid` is `get_folder_features(folder, "
-        "model=<same network>, mode=\"clean\", num_workers=0, batch_size=B)`.",
-        "- `load` is the 1-min load average after the row: above the core count another process competes, and "
-        "torch's threads then wait on each other at every layer, which favours fewer threads.", "",
-        "| loop | torch threads | batch | seconds | images/s | load |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    lines += [f"| {r['loop']} | {r['threads']} | {r['batch_size']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} "
-              f"| {r['load']:.2f} |" for r in rows]
-    lines += ["", f"Fastest eval.fid setting: batch {best['batch_size']}, {best['threads']} torch threads "
-                  f"({best['images_per_s']:.2f} images/s); at torch's default {meta['default_threads']} threads: "
-                  f"batch {best_default['batch_size']} ({best_default['images_per_s']:.2f} images/s)."]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    def forward(self, x):
+        return self.net(x.contiguous())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, help="eval.fid's and clean-fid's batch (default: eval.fid's for the device)")
+    ap.add_argument("--before-batch-size", type=int, default=64, help="the NCHW loop's batch (eval.fid's old default)")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "fid_features"), help="path without extension")
     args = ap.parse_args()
-    from cleanfid.fid import get_folder_features
+    from cleanfid.fid import compute_fid, get_folder_features
 
+    n, device = args.num_images, args.device
+    b, b0 = args.batch_size or fid_module.default_batch_size(device), args.before_batch_size
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command=shlex.join([os.path.relpath(sys.executable), *sys.argv]), cpu=cpu_model(),
-                cores=os.cpu_count(), torch=torch.__version__, default_threads=torch.get_num_threads(),
-                device=args.device, num_images=args.num_images, load_start=os.getloadavg()[0])
-    model = load_inception(args.device)
-    rows = []
+                command=shlex.join(["python", *sys.argv]), torch=torch.__version__,
+                threads=torch.get_num_threads(), device=device, num_images=n,
+                load_start=os.getloadavg()[0])
+    meta.update(batch_size=b, before_batch_size=b0)
+    model = load_inception(device)
+    before = Contiguous(model)
+    real_load = fid_module.load_inception
+    loops = {
+        "eval.fid": lambda: extract_features(folder, batch_size=b, device=device, progress=False),
+        "NCHW": lambda: extract_features(folder, batch_size=b0, device=device, progress=False),
+        "clean-fid": lambda: get_folder_features(folder, model, num_workers=0, batch_size=b,
+                                                 device=torch.device(device), mode="clean", verbose=False),
+    }
+    times = {name: [] for name in loops}
+    start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_folder(tmp, args.num_images)
-        files = image_files(folder)
-        meta["load_ms"] = 1000 * timed(lambda: [read_resized(p) for p in files]) / len(files)
-        for threads in sorted({1, 2, meta["default_threads"]}):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                model(torch.zeros(4, 3, 299, 299, device=args.device))  # warm-up
-            runs = [("eval.fid", b, lambda b=b: extract_features(folder, batch_size=b, num_workers=0,
-                                                                 device=args.device, progress=False))
-                    for b in BATCH_SIZES if b <= args.num_images]
-            runs.append(("clean-fid", CLEANFID_BATCH,
-                         lambda: get_folder_features(folder, model, num_workers=0, batch_size=CLEANFID_BATCH,
-                                                     device=torch.device(args.device), mode="clean", verbose=False)))
-            for loop, batch, fn in runs:
-                seconds = timed(fn)
-                rows.append(dict(loop=loop, threads=threads, batch_size=batch, seconds=seconds,
-                                 images_per_s=args.num_images / seconds, load=os.getloadavg()[0]))
-                print(f"{loop:9s} threads={threads} batch={batch:<4d} {seconds:6.1f} s "
-                      f"{args.num_images / seconds:6.2f} img/s", flush=True)
-    meta["load_end"] = os.getloadavg()[0]
-    ours = [r for r in rows if r["loop"] == "eval.fid"]
-    best = max(ours, key=lambda r: r["images_per_s"])
-    best_default = max((r for r in ours if r["threads"] == meta["default_threads"]), key=lambda r: r["images_per_s"])
+        folder, other = make_folder(f"{tmp}/a", n, 0), make_folder(f"{tmp}/b", n, 1)
+        with torch.inference_mode():
+            model(torch.zeros(4, 3, 299, 299, device=device))  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in loops.items():
+                fid_module.load_inception = (lambda d: before) if name == "NCHW" else real_load
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                print(f"{name:9s} {n / times[name][-1]:6.2f} images/s", flush=True)
+        fid_module.load_inception = real_load
+        ours = fid_from_features(extract_features(folder, batch_size=b, device=device, progress=False),
+                                 extract_features(other, batch_size=b, device=device, progress=False))
+        theirs = float(compute_fid(folder, other, mode="clean", custom_feat_extractor=model, num_workers=0,
+                                   batch_size=b, device=torch.device(device), verbose=False))
+    best = {name: n / min(t) for name, t in times.items()}
+    meta.update(load_end=os.getloadavg()[0], runtime_s=time.time() - start)
+    result = dict(meta=meta, images_per_s=best, runs_s=times,
+                  speedup_vs_nchw=best["eval.fid"] / best["NCHW"], speedup_vs_cleanfid=best["eval.fid"] / best["clean-fid"],
+                  fid_eval=ours, fid_cleanfid=theirs, fid_rel_diff=abs(ours - theirs) / abs(theirs))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows, fastest=best, fastest_at_default_threads=best_default), f, indent=1)
-    write_markdown(args.out + ".md", meta, rows, best, best_default)
-    print(f"fastest: batch {best['batch_size']}, {best['threads']} threads; at the default threads: batch "
-          f"{best_default['batch_size']}; wrote {args.out}.json and .md")
+        json.dump(result, f, indent=1)
+    lines = ["# FID feature extraction throughput, side by side", "",
+             f"- Date: {meta['date']}; command: `{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads, "
+             f"device {device}; 1-min load average {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end; "
+             f"runtime {meta['runtime_s']:.0f} s",
+             f"- {n} procedural 64x64 PNGs, batch {b} (NCHW: {b0}); the three loops alternated {args.repeats} times, best pass each "
+             "(see the docstring of `benchmarks/bench_fid.py`).", "",
+             "| loop | images/s (best) | passes (s) |", "|---|---:|---|"]
+    lines += [f"| {name} | {best[name]:.2f} | {', '.join(f'{t:.1f}' for t in times[name])} |" for name in loops]
+    lines += ["", f"- eval.fid vs NCHW (before): **{result['speedup_vs_nchw']:.2f}x** (target 1.3x: "
+                  f"{'MET' if result['speedup_vs_nchw'] >= 1.3 else 'MISSED'}); vs clean-fid's loop: "
+                  f"{result['speedup_vs_cleanfid']:.2f}x",
+              f"- Same numbers: FID(a, b) {ours:.6f} from eval.fid, {theirs:.6f} from clean-fid's compute_fid: relative "
+              f"difference {result['fid_rel_diff']:.1e} (target <= 1e-4: {'MET' if result['fid_rel_diff'] <= 1e-4 else 'MISSED'})"]
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[-2:]))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .fid import BATCH_SIZE, NUM_WORKERS, fid
+from .fid import NUM_WORKERS, fid
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("fid", help="FID between two image folders (clean-fid 'clean' protocol, offline weights)")
     p.add_argument("dir_a", metavar="DIR_A", help="folder of images (searched recursively)")
     p.add_argument("dir_b", metavar="DIR_B", help="folder of images (searched recursively)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 8 on a CPU, 64 on a GPU)")
     p.add_argument("--num-workers", type=int, default=NUM_WORKERS,
                    help=f"threads decoding and resizing images (default {NUM_WORKERS}: in the main thread)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

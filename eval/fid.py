@@ -24,12 +24,11 @@ from tqdm.auto import tqdm
 from .images import check_images, to_rgb
 from .inception import load_inception
 
-# Defaults from benchmarks/results/fid_features.md (2-core CPU): batch 64 is fastest at torch's default thread count
-# and within a few % of the best at 1 thread. One thread won overall only because another process loaded both cores;
-# pinned, it would forgo the idle cores of any other machine (in a quiet moment here: 0.09 s per image with 2
-# threads, 0.18 s with 1), so torch keeps its setting.
-# Decoding + resizing is ~2 ms of the ~200 ms an image costs on a CPU, so it stays in the main thread.
-BATCH_SIZE = 64
+# Batch sizes from benchmarks/results/fid_features.md: on a CPU, small batches keep Inception's activations in
+# cache (2-core EPYC, channels-last, end to end: 22 images/s at batch 8, 18 at 16, 12 at 64); GPUs want large ones.
+# Decoding + resizing is ~1.5 ms of the ~50 ms an image costs on a CPU, so it stays in the main thread.
+BATCH_SIZE = {"cpu": 8}
+GPU_BATCH_SIZE = 64
 NUM_WORKERS = 0
 NUM_THREADS = None  # torch intra-op threads while extracting; None keeps torch's setting
 IMAGE_EXTENSIONS = sorted(EXTENSIONS - {"npy"})
@@ -56,6 +55,11 @@ class Stats:
     def of(cls, feats: Features) -> Stats:
         f = feats.array.astype(np.float64)
         return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
+
+
+def default_batch_size(device: str | torch.device) -> int:
+    """Images per Inception forward pass on ``device`` (8 on a CPU, 64 on an accelerator)."""
+    return BATCH_SIZE.get(torch.device(device).type, GPU_BATCH_SIZE)
 
 
 def default_device() -> str:
@@ -152,19 +156,21 @@ def _loaded(chunks: Iterator[list], load, num_workers: int) -> Iterator[list]:
             yield [f.result() for f in pending]
 
 
-def extract_features(source: Source, num_images: int | None = None, batch_size: int = BATCH_SIZE,
+def extract_features(source: Source, num_images: int | None = None, batch_size: int | None = None,
                      num_workers: int = NUM_WORKERS, num_threads: int | None = NUM_THREADS, device: str | None = None,
                      progress: bool = True) -> Features:
     """Inception features of the first ``num_images`` images of ``source`` (all if None).
 
-    ``num_workers`` threads decode and resize (0: the main thread does); ``num_threads`` sets torch's intra-op
+    ``batch_size`` None takes :func:`default_batch_size` of the device; ``num_workers`` threads decode and resize
+    (0: the main thread does); ``num_threads`` sets torch's intra-op
     threads for the duration. Unreadable files are skipped with a warning naming each, and listed in
     ``Features.skipped``.
     """
+    device = device or default_device()
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     if batch_size < 1 or num_workers < 0 or (num_threads is not None and num_threads < 1):
         raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_threads >= 1 or None; "
                          f"got {batch_size}, {num_workers}, {num_threads}")
-    device = device or default_device()
     model = load_inception(str(device))
     chunks, load, total, label = _plan(source, num_images, batch_size)
     feats, skipped = [], []

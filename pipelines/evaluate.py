@@ -55,15 +55,14 @@ def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float |
     return lpips_distance(orig, recon, net)
 
 
-def _rfid(orig: torch.Tensor, recon: torch.Tensor, batch_size: int, stats_dir, source: str, suffix: str) -> dict:
+def _rfid(orig: torch.Tensor, recon: torch.Tensor, stats_dir, source: str, suffix: str) -> dict:
     """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals); with
     ``stats_dir`` the originals' features are cached there (shared by every run on the same images)."""
     if stats_dir is None:
-        ref = extract_features(orig, batch_size=batch_size)
+        ref = extract_features(orig)
     else:
-        ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir,
-                                 batch_size=batch_size)
-    q = sample_quality(extract_features(recon, batch_size=batch_size), ref)
+        ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir)
+    q = sample_quality(extract_features(recon), ref)
     return {f"rfid{suffix}": q["fid"], f"rfid_ci{suffix}": q["fid_ci"], f"rkid{suffix}": q["kid"],
             f"rkid_std{suffix}": q["kid_std"]}
 
@@ -86,7 +85,7 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
         suffix = "_hard" if hard and len(modes) > 1 else ""
         result.update({
-            **_rfid(orig, recon, batch_size, stats_dir, source, suffix),
+            **_rfid(orig, recon, stats_dir, source, suffix),
             **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })
