@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @torch.no_grad()
 def sample_without_cache(model, batch: int, num_codes: int, seq_len: int, top_k: int, temperature: float = 1.0):
     """taming's ``sample``: re-run the full sequence for every token (no past key/values)."""
-    x = start_tokens(batch, num_codes)
+    x = start_tokens(batch, num_codes).to(model.device)
     for _ in range(seq_len):
         logits = model(input_ids=x, use_cache=False).logits[:, -1, :num_codes] / temperature
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -57,6 +57,7 @@ def main():
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.path.join(HERE, "results", "kv_cache"))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def main():
     rows = []
     for length in args.lengths:
         model = build_gpt(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0),
-                          args.num_codes, length).eval()
+                          args.num_codes, length).eval().to(args.device)
         gen = torch.Generator().manual_seed(0)
         cached = best_time(lambda: sample_sequences(model, args.batch, args.num_codes, length, top_k, generator=gen),
                            args.repeats)
@@ -82,12 +83,12 @@ def main():
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
                       "vocab": args.num_codes + 1, "params": params},
-            "top_k": top_k, "device": "cpu"}
+            "top_k": top_k, "device": args.device}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = [f"# GPT-prior sampling: KV cache vs recompute-everything ({meta['date']})", "",
-             f"`{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs; "
+             f"`{meta['command']}`; device {args.device}; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs; "
              f"GPT-2 {args.n_layer} layers x {args.n_embd} ({params / 1e6:.2f}M params), vocabulary {args.num_codes + 1}, "
              f"batch {args.batch}, top-k {top_k}, fastest of {args.repeats} runs after a warm-up.", "",
              "| length | KV cache tok/s | recompute tok/s | speed-up | load avg |", "|---:|---:|---:|---:|---:|"]
