@@ -157,7 +157,7 @@ def test_changed_tokenizer_invalidates_the_cache(tokenizer_run, tmp_path):
 
 # --- training ----------------------------------------------------------------------------------
 def test_gpt_overfits_a_tiny_code_set_and_samples_reproduce_it(tokenizer_run, tmp_path):
-    cfg = prior_config("gpt", tokenizer_run, "train.max_steps=400", "train.lr=3e-3", "gpt.p_keep_start=1.0",
+    cfg = prior_config("gpt", tokenizer_run, "train.max_steps=600", "train.lr=3e-3", "gpt.p_keep_start=1.0",
                        "gpt.p_keep_end=1.0", "sample.top_k=4", "train.val_fraction=0")  # memorise all 32
     trainer = GPTTrainer(cfg, tmp_path / "gpt")
     trainer.train()
