@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 THREADS_HELP = ("torch intra-op threads (default: one per CPU this process may run on). Beside another busy "
-                "process, fewer run faster: the tiny tokenizer's step is 3.4x slower with 2 threads and 1.1x with 1 "
+                "process, fewer run faster: the tiny tokenizer's step is 3.3x slower with 2 threads, unchanged with 1 "
                 "(benchmarks/results/threads.md)")
 
 
