@@ -53,14 +53,13 @@ def generation_config(num_codes: int, vocab_size: int, top_k: int, temperature: 
                             pad_token_id=None, eos_token_id=None)
 
 
-def generate_processors(num_codes: int, vocab_size: int, top_k: int, temperature: float,
-                        device: torch.device) -> LogitsProcessorList:
-    """The logits processors ``generate`` builds from :func:`generation_config`, in its order: start and class
-    tokens suppressed, temperature (when not 1), top-k."""
-    procs = [SuppressTokensLogitsProcessor(list(range(num_codes, vocab_size)), device=device)]
-    if temperature != 1.0:
-        procs.append(TemperatureLogitsWarper(temperature))
-    procs.append(TopKLogitsWarper(top_k))
+def generate_processors(gen_cfg: GenerationConfig, device: torch.device) -> LogitsProcessorList:
+    """The logits processors ``generate`` builds from ``gen_cfg`` (one of :func:`generation_config`'s), in its
+    order: suppressed tokens (start and class ids), temperature (when not 1), top-k."""
+    procs = [SuppressTokensLogitsProcessor(gen_cfg.suppress_tokens, device=device)]
+    if gen_cfg.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(gen_cfg.temperature))
+    procs.append(TopKLogitsWarper(gen_cfg.top_k))
     return LogitsProcessorList(procs)
 
 
@@ -105,8 +104,8 @@ def sample_sequences(model: PreTrainedModel, batch: int, num_codes: int, seq_len
         if seed is not None:
             torch.manual_seed(seed)
         if decoder != "generate":
-            processors = generate_processors(num_codes, model.config.vocab_size, top_k, temperature, device)
-            return decode_static(model, prompt, seq_len, processors, compiled=decoder == "compiled")
+            return decode_static(model, prompt, seq_len, generate_processors(gen_cfg, device),
+                                 compiled=decoder == "compiled")
         out = model.generate(prompt, generation_config=gen_cfg, attention_mask=torch.ones_like(prompt))
     return out[:, 1:]
 

@@ -7,7 +7,7 @@ a whole batch. Ties go to the lowest index.
 On CPU the blocks are cache-sized tiles (2,048 latents x 512 codes, 4 MiB) written into one reused
 buffer, and a tile's argmin is taken only for the rows whose minimum it improves: ``amin`` is ~10x
 cheaper than ``min`` with indices there, and after the first few tiles few rows improve. That keeps
-the search within ~1.2x of the matmul limit ``2 N K D`` (``benchmarks/results/search.md``). On GPUs,
+the search within 1.2-1.5x of the matmul limit ``2 N K D`` (``benchmarks/results/quantizers.md``). On GPUs,
 where a data-dependent row selection would synchronise with the host, each block keeps its argmin.
 """
 from __future__ import annotations
