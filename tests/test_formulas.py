@@ -157,6 +157,26 @@ def test_transvq_map_matches_hand_written_forward_and_trains_through_it():
         assert q.effective_codebook() is cached  # cached in eval
 
 
+@pytest.mark.parametrize("num_codes", [K, 64])  # N = 18 latents: the full map (K = 12), selected rows only (K = 64)
+def test_transvq_gradients_reach_every_weight_as_through_the_full_map(num_codes):
+    torch.manual_seed(1)
+    q = build_quantizer("transvq", num_codes, D, base_dim=5, width=16)
+    z, g = inputs()
+    out = run(q, z, g)
+    got = {name: p.grad.clone() for name, p in q.named_parameters()}
+    q.zero_grad()
+    E = hand_transvq(q)  # autograd through P over all K codes, then the gather
+    zf = leaf(flat(z))
+    i = brute_nearest(zf.detach(), E.detach())
+    assert out.indices.reshape(-1).tolist() == i.tolist()
+    c = E[i]
+    loss = F.mse_loss(c, zf.detach()) + 0.25 * F.mse_loss(zf, c.detach())
+    ((zf + (c - zf).detach()) * flat(g)).sum().add(loss).backward()
+    for name, p in q.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def double_loop_ns_loss(z, C, tau, lam):
     """Eq. 17 (authors' form) by explicit loops over latents i and codes k."""
     n, d = z.shape

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Quantizer, straight_through, vq_loss
 
 
 NORM_EPS = 1e-6
+CPU_BLOCK_ROWS = 2048  # codes per block on CPU: the row-wise passes stay in cache (1.6x faster at K = 65,536)
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """``elu(x) + 1`` (equal to float rounding) as ``max(x, 0) + exp(min(x, 0))``: torch's CPU elu is ~4x slower."""
+    return x.clamp_min(0) + x.clamp_max(0).exp()
+
+
+def blocks(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` split into row blocks: cache-sized on CPU, whole elsewhere."""
+    return list(x.split(CPU_BLOCK_ROWS)) if x.device.type == "cpu" else [x]
 
 
 class LinearAttention(nn.Module):
@@ -22,11 +32,23 @@ class LinearAttention(nn.Module):
         self.v = nn.Linear(width, width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
+    def summary(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every output row reads from all K codes: ``sum_j phi(k_j) v_j^T`` with the output map folded in
+        (width, width), and ``sum_j phi(k_j)`` (width, 1); built once per step, in row blocks."""
+        kv = ksum = 0
+        for part in blocks(x):
+            k, v = phi(self.k(part)), self.v(part)
+            kv, ksum = kv + k.T @ v, ksum + k.sum(0, keepdim=True).T
+        return kv @ self.out.weight.T, ksum
+
+    def read(self, x: torch.Tensor, summary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Output rows for queries ``x`` (any subset of the codes) given the codes' :meth:`summary`."""
+        kv_out, ksum = summary
+        q = phi(self.q(x))
+        return (q @ kv_out) / (q @ ksum + NORM_EPS)  # out(phi(q_i) kv / (phi(q_i) . sum_j phi(k_j) + eps))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.elu(self.q(x)) + 1, F.elu(self.k(x)) + 1, self.v(x)
-        kv = k.T @ v  # (width, width): sum_j phi(k_j) v_j^T
-        norm = q @ k.sum(0, keepdim=True).T  # (K, 1): phi(q_i) . sum_j phi(k_j)
-        return self.out((q @ kv) / (norm + NORM_EPS))
+        return self.read(x, self.summary(x))
 
 
 class CodebookTransformer(nn.Module):
@@ -43,11 +65,24 @@ class CodebookTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim, bias=False)
 
-    def forward(self, base: torch.Tensor) -> torch.Tensor:
+    def context(self, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The input rows ``x``, their normed form and the attention summary over all K codes."""
         x = self.inp(base) + self.pos
-        x = x + self.attn(self.norm1(x))
+        h = self.norm1(x)
+        return x, h, self.attn.summary(h)
+
+    def rows(self, x: torch.Tensor, h: torch.Tensor, summary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Output codes of the rows ``x`` (normed ``h``): everything after the summary is row by row, so in blocks."""
+        out = [self._rows(xs, hs, summary) for xs, hs in zip(blocks(x), blocks(h))]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _rows(self, x: torch.Tensor, h: torch.Tensor, summary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn.read(h, summary)
         x = x + self.ffn(self.norm2(x))
         return self.out(self.norm_out(x))
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        return self.rows(*self.context(base))
 
 
 class TransVQ(Quantizer):
@@ -91,7 +126,18 @@ class TransVQ(Quantizer):
         self.transform.pos.data[dst] = self.transform.pos.data[src]  # same token -> same output code
 
     def _train_step(self, z):
-        e = self.effective_codebook()
-        idx = self.nearest(z, e)
-        c = e[idx]
+        # Only the N selected codes receive gradient, and P is row by row once the attention summary over all K
+        # codes is known; so with N well below K the full map runs without autograd (for the search) and only the
+        # selected rows are recomputed with it (same gradients, ~1/3 of the work and memory at K = 65,536).
+        # Recomputing N rows costs about N/K of a full pass per direction, so at N >= 2K/3 the full map is cheaper.
+        if 3 * len(z) >= 2 * self.num_codes:
+            e = self.transform(self.codebook)
+            idx = self.nearest(z, e)
+            c = e[idx]
+        else:
+            x, h, summary = self.transform.context(self.codebook)
+            with torch.no_grad():
+                e = self.transform.rows(x, h, summary)
+            idx = self.nearest(z, e)
+            c = self.transform.rows(x[idx], h[idx], summary)
         return straight_through(z, c), idx, vq_loss(z, c, self.beta)
