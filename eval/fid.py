@@ -27,7 +27,7 @@ from .inception import load_inception
 # Batch sizes from benchmarks/results/fid_features.md: on a CPU, small batches keep Inception's activations in
 # cache (2-core EPYC, channels-last, end to end: 22 images/s at batch 8, 18 at 16, 12 at 64); GPUs want large ones.
 # Decoding + resizing is ~1.5 ms of the ~50 ms an image costs on a CPU, so it stays in the main thread.
-BATCH_SIZE = {"cpu": 8}
+CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 64
 NUM_WORKERS = 0
 NUM_THREADS = None  # torch intra-op threads while extracting; None keeps torch's setting
@@ -59,7 +59,7 @@ class Stats:
 
 def default_batch_size(device: str | torch.device) -> int:
     """Images per Inception forward pass on ``device`` (8 on a CPU, 64 on an accelerator)."""
-    return BATCH_SIZE.get(torch.device(device).type, GPU_BATCH_SIZE)
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else GPU_BATCH_SIZE
 
 
 def default_device() -> str:

@@ -47,9 +47,6 @@ class LinearAttention(nn.Module):
         q = phi(self.q(x))
         return (q @ kv_out) / (q @ ksum + NORM_EPS)  # out(phi(q_i) kv / (phi(q_i) . sum_j phi(k_j) + eps))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.read(x, self.summary(x))
-
 
 class CodebookTransformer(nn.Module):
     """``P``: Linear(Df->width) + position embedding, one pre-LN block (linear attention, GELU FFN), LN, Linear(width->D)."""
@@ -128,7 +125,7 @@ class TransVQ(Quantizer):
     def _train_step(self, z):
         # Only the N selected codes receive gradient, and P is row by row once the attention summary over all K
         # codes is known; so with N well below K the full map runs without autograd (for the search) and only the
-        # selected rows are recomputed with it (same gradients, ~1/3 of the work and memory at K = 65,536).
+        # selected rows are recomputed with it (same gradients; at K = 65,536, N = 16,384 about half the time).
         # Recomputing N rows costs about N/K of a full pass per direction, so at N >= 2K/3 the full map is cheaper.
         if 3 * len(z) >= 2 * self.num_codes:
             e = self.transform(self.codebook)
