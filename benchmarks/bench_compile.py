@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--stages", default="tokenizer,gpt,ldm")
+    ap.add_argument("--eager-only", action="store_true", help="skip the compiled rows (fp32 vs bf16 alone)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compile"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -87,7 +88,7 @@ def main():
                                                                "train.max_steps=2"]), tok)
         for stage in args.stages.split(","):
             for precision in ("no", "bf16"):
-                for compiled in (False, True):
+                for compiled in (False,) if args.eager_only else (False, True):
                     cfg = dict(stage=stage, compile=compiled, precision=precision, steps=args.steps,
                                warmup=args.warmup, tmp=tmp, tokenizer=tok)
                     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
@@ -101,7 +102,14 @@ def main():
                       and not e["compile"] and "median_s" in e), None)
         if r["compile"] and eager and "median_s" in r:
             r["speedup"] = eager["median_s"] / r["median_s"]
+        fp32 = next((e for e in rows if e["stage"] == r["stage"] and e["precision"] == "no"
+                     and e["compile"] == r["compile"] and "median_s" in e), None)
+        if r["precision"] == "bf16" and fp32 and "median_s" in r:
+            r["bf16_vs_fp32"] = r["median_s"] / fp32["median_s"]
+    from stage1_tokenizer.runtime import native_bf16
+
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(),
                 command=shlex.join(["python", *sys.argv]), torch=torch.__version__, threads=torch.get_num_threads(),
                 load_start=load_start, load_end=os.getloadavg()[0], runtime_s=time.time() - start)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -110,20 +118,22 @@ def main():
     lines = ["# `train.compile`: training step time, eager vs torch.compile", "",
              f"- Date: {meta['date']}; command: `{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads; "
              f"1-min load average {load_start:.2f} at start, {meta['load_end']:.2f} at end; runtime "
-             f"{meta['runtime_s']:.0f} s",
+             f"{meta['runtime_s']:.0f} s; CPU capability {meta['cpu_capability']}, native bf16: {meta['native_bf16']} "
+             "(what `train.mixed_precision=auto` follows)",
              "- Stages: the `mnist` tokenizer (vq; MSE + LPIPS on 8 of 32 images), the `tiny` GPT (batch 64) and "
              "`tiny` LDM (batch 128) on its 8x8 codes. Quantizers and LPIPS stay eager under compile.",
              f"- Each row a fresh process: the first {args.warmup} steps (compilation included) as one figure, then "
              f"the median of {args.steps} steps.", "",
-             "| stage | precision | compile | first steps s | median step ms | speed-up |", "|---|---|---|---:|---:|---:|"]
+             "| stage | precision | compile | first steps s | median step ms | speed-up | bf16 / fp32 time |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['precision']} | {r['compile']} | - | - | {r['error'][:80]} |")
+            lines.append(f"| {r['stage']} | {r['precision']} | {r['compile']} | - | - | {r['error'][:80]} | - |")
         else:
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+            ratio = f"{r['bf16_vs_fp32']:.2f}x" if "bf16_vs_fp32" in r else "-"
             lines.append(f"| {r['stage']} | {r['precision']} | {r['compile']} | {r['warmup_s']:.1f} | "
-                         f"{1e3 * r['median_s']:.0f} | {r['speedup']:.2f}x |" if "speedup" in r else
-                         f"| {r['stage']} | {r['precision']} | {r['compile']} | {r['warmup_s']:.1f} | "
-                         f"{1e3 * r['median_s']:.0f} | - |")
+                         f"{1e3 * r['median_s']:.0f} | {speedup} | {ratio} |")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}.json and .md")

@@ -12,6 +12,8 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import Sampler
 
+from .tokenizer_config import PRECISIONS
+
 
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), not the machine's count."""
@@ -42,11 +44,32 @@ def process_state() -> PartialState:
     return PartialState(cpu=_cpu_only())
 
 
+def native_bf16() -> bool:
+    """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+    Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated: measured 8.6x slower than fp32 for the ``tiny`` GPT step
+    and 13x for the ``tiny`` UNet on an AVX2 EPYC, against 1.3-1.7x faster on AVX512-BF16."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if torch.backends.mps.is_available():
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """``auto`` becomes ``bf16`` where it runs natively (:func:`native_bf16`) and ``no`` elsewhere."""
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return "bf16" if native_bf16() else "no"
+    return mixed_precision
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with: list[str] | None = None,
                      run_dir: str | Path | None = None) -> Accelerator:
-    """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, see :func:`process_state`). Unused
-    parameters are allowed: frozen encoders and SF-DiVeQ's warm-up leave some. ``log_with`` names accelerate
-    trackers, which log under ``run_dir/logs``."""
+    """CUDA/MPS when present, else CPU (also for ``torchrun`` on CPU, see :func:`process_state`); ``auto``
+    precision resolved by :func:`resolve_precision`. Unused parameters are allowed: frozen encoders and
+    SF-DiVeQ's warm-up leave some. ``log_with`` names accelerate trackers, which log under ``run_dir/logs``."""
+    mixed_precision = resolve_precision(mixed_precision)
     no_accelerator = _cpu_only()
     # one process may train several models in turn (a sweep) with different precision: accelerate keeps its
     # settings in a process-wide singleton, so clear them (the process group, in PartialState, is kept)

@@ -64,6 +64,9 @@ class DataConfig:
     num_workers: int = 0
 
 
+PRECISIONS = ("no", "fp16", "bf16", "auto")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 32
@@ -73,7 +76,7 @@ class TrainConfig:
     max_steps: int | None = 500
     epochs: int | None = None  # used when max_steps is None
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | fp16 | bf16 | auto (bf16 where it runs natively, else no)
     compile: bool = False  # torch.compile the training forward (quantizers stay eager: data-dependent control flow)
     warmup_steps: int = 0
     log_every: int = 10
@@ -83,6 +86,10 @@ class TrainConfig:
     seed: int = 0
     report_to: str = "none"  # experiment tracker: tensorboard | wandb | all | none
     run_name: str | None = None  # the tracker run's name (default: the run directory's name)
+
+    def __post_init__(self):
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
 
 
 @dataclass

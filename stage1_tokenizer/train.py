@@ -209,7 +209,7 @@ class TokenizerTrainer(TrainLoop):
                    "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                    "skipped_images": len(self.skipped), "skipped_files": self.skipped[:100],
                    "usage_epoch": self.state.extra.get("usage_epoch"),  # None: no epoch completed
-                   "world_size": self.acc.num_processes}
+                   "world_size": self.acc.num_processes, "mixed_precision": self.acc.mixed_precision}
             (self.out / "run.json").write_text(json.dumps(run, indent=2))
         self.acc.wait_for_everyone()
         return final

@@ -80,6 +80,7 @@ class PriorTrainConfig(TrainConfig):
     val_every: int = 500  # steps between validations (GPT bits per token, LDM denoising loss), and at the end
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_every < 1 or self.val_max_examples < 0:

@@ -159,7 +159,7 @@ class PriorTrainer(TrainLoop):
                "tokenizer_hash": self.codes.tokenizer_hash, "status": "finished" if step >= self.total_steps else "stopped",
                "step": step, "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                "num_training_codes": len(self.codes.indices) - len(self.val[0]), "world_size": self.acc.num_processes,
-               **self._validation_summary(), **extra}
+               "mixed_precision": self.acc.mixed_precision, **self._validation_summary(), **extra}
         (self.out / "run.json").write_text(json.dumps(run, indent=2))
 
 

@@ -33,6 +33,36 @@ def test_bad_thread_count_is_a_clear_error(keep_threads, capsys):
     assert "--threads must be at least 1" in capsys.readouterr().err
 
 
+# --- mixed precision: auto picks bf16 only where it runs natively -------------------------------------
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "no"), (True, False, "bf16"), (False, True, "bf16")])
+def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(runtime.torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert runtime.resolve_precision("auto") == expected
+    assert runtime.make_accelerator("auto").mixed_precision == expected
+    assert runtime.resolve_precision("fp16") == "fp16"  # explicit choices are kept
+
+
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert runtime.resolve_precision("auto") == expected
+
+
+def test_unknown_precision_is_a_config_error():
+    from stage1_tokenizer.config import load_config
+    from stage1_tokenizer.tokenizer_config import TokenizerConfig
+    from stage2_prior.config import load_prior_config
+
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of no, fp16, bf16, auto, got 'bf32'"):
+        load_config(TokenizerConfig, "tiny", ["train.mixed_precision=bf32"])
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of"):
+        load_prior_config("gpt", "tiny", ["train.mixed_precision=half"])
+
+
 # --- no host syncs in a training step ------------------------------------------------------------
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

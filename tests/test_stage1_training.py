@@ -222,6 +222,8 @@ def test_gradient_accumulation_and_mixed_precision_train(extra, tmp_path):
     train_tokenizer(cfg, tmp_path)
     rows = MetricsLog(tmp_path / "metrics.jsonl").read()
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    precision = "bf16" if "train.mixed_precision=bf16" in extra else "no"
+    assert json.loads((tmp_path / "run.json").read_text())["mixed_precision"] == precision  # what actually ran
 
 
 def test_missing_bundled_mnist_names_the_package(monkeypatch):

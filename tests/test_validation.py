@@ -60,7 +60,7 @@ def test_gpt_validation_is_the_bits_per_token_of_codes_it_never_trains_on(tokeni
     assert rows[-1]["train_bits_per_token"] < 0.25 * rows[-1]["val_bits_per_token"], rows[-1]
     run = json.loads((tmp_path / "gpt" / "run.json").read_text())
     assert run["val_bits_per_token"] == rows[-1]["val_bits_per_token"]
-    assert run["num_val_examples"] == 8 and run["num_training_codes"] == 24
+    assert run["num_val_examples"] == 8 and run["num_training_codes"] == 24 and run["mixed_precision"] == "no"
     assert run["best_val_bits_per_token"] == min(r["val_bits_per_token"] for r in rows)
     assert (tmp_path / "gpt" / "validation.png").exists()
 
