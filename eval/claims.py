@@ -11,7 +11,8 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind_from_stats
 
-from .report import METRICS, group_key, groups, mean_std, read_run, summarise
+from .rank_correlation import spearman_interval
+from .report import METRICS, PRIORS, group_key, groups, mean_std, read_run, summarise
 
 ALPHA = 0.05
 NEAR_FULL = 0.9  # "near-full codebook usage": at least 90% of the usage ceiling 1 - e^(-T/K) on the held-out set
@@ -23,6 +24,9 @@ TITLE = {key: title for key, title, _ in METRICS}
 DIVEQ = ("diveq", "sf-diveq")
 DIVEQ_BASELINES = ("vq", "ema", "rotation", "gumbel", "nsvq-noise")
 RECON_METRICS = ("rfid", "lpips_vgg", "psnr", "ssim")
+# What might predict a prior's gFID across variants: reconstruction, codebook health, the prior's own held-out loss
+PREDICTORS = ("rfid", "lpips_vgg", "psnr", "usage", "perplexity")
+HELD_OUT = {"gpt": "gpt_val_bits_per_token", "ldm": "ldm_val_denoising_loss"}
 
 
 def compare(a: dict | None, b: dict | None, metric: str) -> dict | None:
@@ -162,6 +166,34 @@ class Claims:
                            f"{drift[0]:.4g} | {drift_plain[0]:.4g} |")
         return out + [""]
 
+    def predicts_generation(self) -> list[str]:
+        """Spearman's rho across variants between each predictor and each prior's gFID, per K, with its
+        bootstrap interval (variants, then seeds, resampled); "better predicts better" when the interval excludes 0
+        on the side where a better predictor value goes with a lower gFID."""
+        out = ["## Does reconstruction or codebook usage predict generation?", "",
+               "Spearman's rho over variants (each the mean of its seeds) between a tokenizer metric and a prior's "
+               "gFID, with a 95% bootstrap interval (variants resampled with replacement, then each variant's seeds). "
+               "Verdict: *yes* when the interval excludes 0 on the side where the better metric value goes with the "
+               "lower gFID, *reversed* when it excludes 0 on the other side, else *not shown*.", "",
+               "| K | prior | predictor | rho [95%] | p | variants (runs) | better predicts better? |",
+               "|---:|---|---|---|---:|---|---|"]
+        for k in self.sizes:
+            for prior in PRIORS:
+                for metric in (*PREDICTORS, HELD_OUT[prior]):
+                    points = {v: [(r["eval"][metric], r["eval"][f"{prior}_gfid"]) for r in members
+                                  if r["eval"].get(metric) is not None and r["eval"].get(f"{prior}_gfid") is not None]
+                              for v, members in self.groups.items() if members[0]["num_codes"] == k}
+                    res = spearman_interval(points)
+                    if res is None:
+                        continue
+                    sign = 1 if DIRECTION[metric] == "lower" else -1  # lower gFID is better
+                    low, high = (sign * c for c in res["ci"])
+                    verdict = "yes" if min(low, high) > 0 else "reversed" if max(low, high) < 0 else "not shown"
+                    out.append(f"| {k} | {prior.upper()} | {TITLE[metric]} | {res['rho']:+.2f} "
+                               f"[{res['ci'][0]:+.2f}, {res['ci'][1]:+.2f}] | {res['p']:.3f} | "
+                               f"{res['variants']} ({res['runs']}) | {verdict} |")
+        return out + [""]
+
     def plot(self, path: Path) -> None:
         """rFID against codebook usage, one panel per K, a point per variant with its std over seeds."""
         import matplotlib
@@ -192,7 +224,7 @@ class Claims:
                 f"{len(self.runs)} run(s), seeds {seeds}, K in {self.sizes}. A difference counts when Welch's t-test "
                 f"over seeds gives p < {ALPHA}; with one run on a side only its direction is shown. Same rules "
                 "for every variant; no variant was tuned.", ""]
-        return "\n".join(head + self.claim1() + self.claim2() + self.claim3())
+        return "\n".join(head + self.claim1() + self.claim2() + self.claim3() + self.predicts_generation())
 
 
 def write_claims(run_dirs: list[str | Path], output: str | Path) -> Path:

@@ -13,7 +13,7 @@ from pipelines.cli import main
 
 
 def fake_run(root: Path, quantizer: str, k: int, seed: int, freeze_at: int | None = None, drift: float = 0.5,
-             replaced: int | None = None, **metrics) -> Path:
+             replaced: int | None = None, gpt_gfid: float | None = None, **metrics) -> Path:
     """An archived run as the sweep leaves it: config, metrics curve, eval.json, generation.json."""
     name = f"{quantizer}{'-staged' if freeze_at else ''}-K{k}-s{seed}"
     run = root / name
@@ -30,7 +30,8 @@ def fake_run(root: Path, quantizer: str, k: int, seed: int, freeze_at: int | Non
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve))
     defaults = {"rfid": 100.0, "lpips_vgg": 0.1, "psnr": 20.0, "ssim": 0.8, "usage": 0.5}
     (run / "eval.json").write_text(json.dumps({**defaults, **metrics}))
-    (run / "generation.json").write_text(json.dumps({"gpt": {"gfid": 150.0 + seed}, "ldm": {"gfid": 160.0}}))
+    gpt = 150.0 + seed if gpt_gfid is None else gpt_gfid
+    (run / "generation.json").write_text(json.dumps({"gpt": {"gfid": gpt}, "ldm": {"gfid": 160.0}}))
     return run
 
 
@@ -119,3 +120,68 @@ def test_near_full_usage_is_judged_against_the_usage_ceiling(tmp_path):
     lines = Claims(runs).claim1()
     assert "| yes |" in next(line for line in lines if line.startswith("| 8192 | ns-vq |"))
     assert "| no |" in next(line for line in lines if line.startswith("| 8192 | transvq |"))
+
+
+# --- does reconstruction predict generation? Spearman over variants with a two-level bootstrap interval -----------
+from scipy.stats import spearmanr  # noqa: E402
+
+from eval.rank_correlation import spearman_interval  # noqa: E402
+
+
+def noisy_points(rng, variants: int, seeds: int, slope: float, noise: float) -> dict:
+    return {f"v{i}": [(i + rng.normal(0, noise), slope * i + rng.normal(0, noise)) for _ in range(seeds)]
+            for i in range(variants)}
+
+
+def test_rank_correlation_is_spearman_of_the_variant_means():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    points = noisy_points(rng, 8, 3, slope=1.0, noise=2.0)
+    means = [[sum(c) / len(c) for c in zip(*pts)] for pts in points.values()]
+    ref = spearmanr([m[0] for m in means], [m[1] for m in means])
+    res = spearman_interval(points, resamples=500)
+    assert res["rho"] == pytest.approx(ref.statistic) and res["p"] == pytest.approx(ref.pvalue)
+    assert res["variants"] == 8 and res["runs"] == 24
+    assert res["ci"][0] <= res["rho"] <= res["ci"][1]
+    from eval.rank_correlation import _rho  # the bootstrap's batched rho: scipy's on every row, ties included
+
+    x, y = rng.integers(0, 4, size=(20, 7)), rng.integers(0, 4, size=(20, 7))
+    batched = _rho(x.astype(float), y.astype(float))
+    for row, (a, b) in enumerate(zip(x, y)):
+        ref = spearmanr(a, b).statistic
+        assert (math.isnan(batched[row]) and math.isnan(ref)) or batched[row] == pytest.approx(ref)
+
+
+def test_rank_correlation_interval_is_exact_without_noise_and_shrinks_with_more_variants():
+    import numpy as np
+
+    exact = spearman_interval({f"v{i}": [(i, -2.0 * i)] * 3 for i in range(6)}, resamples=300)
+    assert exact["rho"] == pytest.approx(-1.0) and exact["ci"] == pytest.approx([-1.0, -1.0])
+    rng = np.random.default_rng(1)
+    few = spearman_interval(noisy_points(rng, 6, 3, slope=1.0, noise=3.0), resamples=1000)
+    many = spearman_interval(noisy_points(rng, 60, 3, slope=1.0, noise=3.0), resamples=1000)
+    assert many["ci"][1] - many["ci"][0] < 0.5 * (few["ci"][1] - few["ci"][0])
+    unrelated = spearman_interval(noisy_points(rng, 12, 3, slope=0.0, noise=1.0), resamples=1000)
+    assert unrelated["ci"][0] < 0 < unrelated["ci"][1]
+
+
+def test_rank_correlation_needs_three_variants_and_a_ranking():
+    assert spearman_interval({"a": [(1, 2)], "b": [(2, 3)]}) is None
+    assert spearman_interval({"a": [(1, 2)], "b": [(1, 3)], "c": [(1, 4)]}) is None  # x constant: no ranking
+    assert spearman_interval({"a": [(1, 2)], "b": [(2, 3)], "c": [], "d": [(3, 5)]})["variants"] == 3
+
+
+def test_claims_say_whether_reconstruction_predicts_generation(tmp_path):
+    runs = []
+    for i, q in enumerate(["vq", "ema", "simvq", "diveq", "sf-diveq", "rotation"]):
+        for seed in range(3):  # better rFID and PSNR go with better GPT gFID; usage goes the other way
+            runs.append(fake_run(tmp_path, q, 512, seed, rfid=50.0 + 10 * i + seed, psnr=30.0 - i - 0.1 * seed,
+                                 usage=0.2 + 0.1 * i + 0.01 * seed, gpt_gfid=60.0 + 10 * i + seed))
+    md = Claims(runs).markdown()
+    section = md.split("## Does reconstruction or codebook usage predict generation?")[1]
+    rows = {line.split(" | ")[2]: line for line in section.splitlines() if line.startswith("| 512 | GPT")}
+    assert rows["rFID"].endswith("| yes |") and "+1.00 [+1.00, +1.00]" in rows["rFID"]
+    assert rows["PSNR (dB)"].endswith("| yes |") and rows["usage"].endswith("| reversed |")
+    assert "| 6 (18) |" in rows["rFID"]
+    assert not any(line.startswith("| 512 | LDM") for line in section.splitlines())  # LDM gFID constant: no ranking
