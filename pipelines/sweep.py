@@ -51,6 +51,7 @@ class SweepConfig:
     gpt: list[str] = field(default_factory=list)
     ldm_preset: str = "tiny"
     ldm: list[str] = field(default_factory=list)
+    priors: list[str] = field(default_factory=lambda: list(KINDS))  # [] : tokenizers and their evaluation only
     eval_images: int = 1000  # held-out images for rFID / LPIPS / SSIM / PSNR / usage
     gfid_images: int = 1000  # samples per prior for gFID
     ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
@@ -65,6 +66,8 @@ class SweepConfig:
             raise ValueError(f"unknown quantizer(s) {', '.join(unknown)}; choose from {', '.join(QUANTIZERS)} or 'all'")
         if not self.quantizers or not self.seeds:
             raise ValueError("a sweep needs at least one quantizer and one seed")
+        if unknown := [p for p in self.priors if p not in KINDS]:
+            raise ValueError(f"unknown prior(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
         trackers_for(self.report_to)  # an unknown or uninstalled tracker fails before any run starts
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
@@ -118,7 +121,7 @@ def archive_run(run: Path, dest: Path) -> Path:
     for name in ARCHIVE_FILES:
         if (tok / name).exists():
             shutil.copyfile(tok / name, tmp / name)
-    generation = json.loads((tok / "generation.json").read_text())
+    generation = json.loads((tok / "generation.json").read_text()) if (tok / "generation.json").exists() else {}
     for kind, result in generation.items():
         for key, name in (("grid", f"samples_{kind}.png"), ("validation_plot", f"validation_{kind}.png")):
             if result.get(key):
@@ -247,7 +250,7 @@ class Sweep:
                 continue
             try:
                 tok = self.tokenizer(run, quantizer, num_codes, seed)
-                for kind in KINDS:
+                for kind in self.cfg.priors:
                     self.prior(run, tok, kind, seed)
             except Exception as e:  # one variant failing must not stop the others; the report names it
                 failures[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]

@@ -48,6 +48,7 @@ class CodeCache:
     num_codes: int
     scaling_factor: float
     tokenizer_hash: str
+    num_images: int | None = None  # what was asked of encode_run (None: the tokenizer's own training images)
 
     @property
     def num_classes(self) -> int:
@@ -59,12 +60,14 @@ def cache_path(run_dir: str | Path) -> Path:
 
 
 @torch.no_grad()
-def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = None) -> CodeCache:
-    """Encode the run's training set with its frozen tokenizer (eval mode, hard tokens) and write the cache."""
+def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = None,
+               num_images: int | None = None) -> CodeCache:
+    """Encode the run's training set with its frozen tokenizer (eval mode, hard tokens) and write the cache.
+    ``num_images``: how many training images of its data source to encode; None: the ones the tokenizer trained on."""
     run = Path(run_dir)
     cfg, model = load_run(run)
-    dataset = build_dataset(cfg.data.source, cfg.model.resolution, cfg.model.in_channels, "train", cfg.data.num_images,
-                            cfg.data.holdout)
+    dataset = build_dataset(cfg.data.source, cfg.model.resolution, cfg.model.in_channels, "train",
+                            cfg.data.num_images if num_images is None else num_images, cfg.data.holdout)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).set_hard_inference(True)
     indices, labels = [], []
@@ -81,12 +84,12 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
     save_file({"indices": idx.to(torch.int32).contiguous(), "latents": latents.contiguous(),
                "labels": labels.contiguous()}, str(tmp),
               metadata={"tokenizer_hash": digest, "num_codes": str(model.quantize.num_codes),
-                        "scaling_factor": repr(scaling), "source": cfg.data.source})
+                        "scaling_factor": repr(scaling), "source": cfg.data.source, "num_images": "" if num_images is None else str(num_images)})
     tmp.replace(path)
     model.register_to_config(scaling_factor=scaling)
     model.save_config(run / "tokenizer")  # the scale travels with the tokenizer (and its export)
     logger.info("cached %d code grids %s (scaling_factor %.4f) in %s", len(idx), tuple(idx.shape[1:]), scaling, path)
-    return CodeCache(idx, latents, labels, model.quantize.num_codes, scaling, digest)
+    return CodeCache(idx, latents, labels, model.quantize.num_codes, scaling, digest, num_images)
 
 
 def read_cache(path: Path) -> CodeCache:
@@ -94,11 +97,12 @@ def read_cache(path: Path) -> CodeCache:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in ("indices", "latents", "labels")}
     return CodeCache(tensors["indices"].long(), tensors["latents"], tensors["labels"], int(meta["num_codes"]),
-                     float(meta["scaling_factor"]), meta["tokenizer_hash"])
+                     float(meta["scaling_factor"]), meta["tokenizer_hash"], int(meta["num_images"]) if meta.get("num_images") else None)
 
 
-def load_codes(run_dir: str | Path, batch_size: int = 256) -> CodeCache:
-    """The run's code cache, (re)built when missing, unreadable or made by a different tokenizer."""
+def load_codes(run_dir: str | Path, batch_size: int = 256, num_images: int | None = None) -> CodeCache:
+    """The run's code cache, (re)built when missing, unreadable, made by a different tokenizer or for another
+    ``num_images`` (see :func:`encode_run`)."""
     run = Path(run_dir)
     path = cache_path(run)
     if path.exists():
@@ -107,7 +111,11 @@ def load_codes(run_dir: str | Path, batch_size: int = 256) -> CodeCache:
         except Exception as e:  # a truncated or foreign file: rebuild rather than fail
             logger.warning("code cache %s is unreadable (%s); re-encoding", path, e)
         else:
-            if cache.tokenizer_hash == tokenizer_hash(run / "tokenizer"):
+            if cache.tokenizer_hash != tokenizer_hash(run / "tokenizer"):
+                logger.warning("code cache %s was made by a different tokenizer; re-encoding", path)
+            elif cache.num_images != num_images:
+                logger.warning("code cache %s holds num_images=%s, not %s; re-encoding", path, cache.num_images,
+                               num_images)
+            else:
                 return cache
-            logger.warning("code cache %s was made by a different tokenizer; re-encoding", path)
-    return encode_run(run, batch_size)
+    return encode_run(run, batch_size, num_images=num_images)

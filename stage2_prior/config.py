@@ -91,6 +91,7 @@ class PriorTrainConfig(TrainConfig):
 class PriorConfig:
     kind: str = "gpt"
     tokenizer: str = ""  # the stage-1 run directory whose frozen codes the prior models
+    num_images: int | None = None  # training images of the tokenizer's source to encode; None: those it trained on
     gpt: GPTConfig = field(default_factory=GPTConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

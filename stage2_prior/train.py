@@ -77,10 +77,10 @@ class PriorTrainer(TrainLoop):
         super().__init__(cfg, output_dir, resume)
         # one process encodes (when needed) before the others read its cache; before load_run, because
         # encoding writes the tokenizer's scaling_factor
-        self.codes = load_codes(cfg.tokenizer) if self.acc.is_main_process else None
+        self.codes = load_codes(cfg.tokenizer, num_images=cfg.num_images) if self.acc.is_main_process else None
         self.acc.wait_for_everyone()
         if self.codes is None:
-            self.codes = load_codes(cfg.tokenizer)
+            self.codes = load_codes(cfg.tokenizer, num_images=cfg.num_images)
         self.tokenizer_cfg, tokenizer = load_run(cfg.tokenizer)
         tokenizer.set_hard_inference(True)
         self.tokenizer = tokenizer.to(self.acc.device).requires_grad_(False)

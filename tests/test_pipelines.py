@@ -451,6 +451,36 @@ def test_archived_run_names_always_carry_quantizer_k_and_seed():
 
 
 
+def test_a_sweep_without_priors_archives_and_reports_tokenizers_only(tmp_path, monkeypatch):
+    """``priors: []`` (the usage study at large K): no prior is trained, and the archive and report need no gFID."""
+    import yaml
+
+    import pipelines.sweep as sweep_mod
+
+    def fake_tokenizer(self, run, q, k, seed):
+        tok = run / "tokenizer"
+        tok.mkdir(parents=True)
+        (tok / "config.yaml").write_text(yaml.safe_dump({"quantizer": {"name": q, "num_codes": k}, "train": {"seed": seed}}))
+        (tok / "eval.json").write_text(json.dumps({"rfid": 10.0 + seed, "usage": 0.5, "psnr": 20.0}))
+        (tok / "metrics.jsonl").write_text(json.dumps({"step": 1, "usage": 0.5}) + "\n")
+        (tok / "run.json").write_text(json.dumps({"status": "finished"}))
+        (run / "timings.json").write_text("{}")
+        return tok
+
+    priors = []
+    monkeypatch.setattr(sweep_mod.Sweep, "tokenizer", fake_tokenizer)
+    monkeypatch.setattr(sweep_mod.Sweep, "prior", lambda self, run, tok, kind, seed: priors.append(kind))
+    cfg = sweep_mod.SweepConfig(quantizers=["vq", "ns-vq"], num_codes=[8192], seeds=[0, 1], priors=[],
+                                archive=str(tmp_path / "archive"))
+    result = sweep_mod.Sweep(cfg, tmp_path / "out").run()
+    assert priors == [] and not result["failed"] and len(result["finished"]) == 4
+    archived = tmp_path / "archive" / "ns-vq-K8192-s1"
+    assert (archived / "ARCHIVED").exists() and not (archived / "generation.json").read_text().strip("{} \n")
+    assert "ns-vq" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown prior.*gan"):
+        sweep_mod.SweepConfig(priors=["gan"])
+
+
 def test_shards_split_a_study_and_each_reports_every_archived_run(tmp_path, monkeypatch):
     """``--shard I/N`` runs every N-th run; two shards over one archive cover the study once between them."""
     import pipelines.sweep as sweep_mod

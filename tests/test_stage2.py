@@ -155,6 +155,22 @@ def test_changed_tokenizer_invalidates_the_cache(tokenizer_run, tmp_path):
     assert load_codes(run).tokenizer_hash == second.tokenizer_hash
 
 
+def test_prior_can_encode_more_images_than_the_tokenizer_trained_on(tokenizer_run, tmp_path):
+    """num_images: the priors' code cache covers more of the source than the tokenizer saw (tau's epochs stay short
+    for NS-VQ while the priors get enough data); changing it re-encodes, the default is the tokenizer's set."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_run, run)
+    cache_path(run).unlink(missing_ok=True)
+    more = load_codes(run, num_images=48)
+    assert more.indices.shape[0] == 48 and read_cache(cache_path(run)).num_images == 48
+    assert torch.equal(more.indices[:32], load_codes(tokenizer_run).indices)  # the same first 32, then 16 unseen
+    assert load_codes(run).indices.shape[0] == 32 and read_cache(cache_path(run)).num_images is None
+    trainer = GPTTrainer(prior_config("gpt", run, "num_images=40", "train.max_steps=1", "train.val_fraction=0.25"),
+                         tmp_path / "gpt")
+    assert len(trainer.codes.indices) == 40 and len(trainer.val[0]) == 10
+
+
 # --- training ----------------------------------------------------------------------------------
 def test_gpt_overfits_a_tiny_code_set_and_samples_reproduce_it(tokenizer_run, tmp_path):
     cfg = prior_config("gpt", tokenizer_run, "train.max_steps=600", "train.lr=3e-3", "gpt.p_keep_start=1.0",
