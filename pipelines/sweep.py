@@ -75,16 +75,18 @@ class SweepConfig:
         study cut short has its first quantizers at every K for the first seed.
 
         Names carry K and the seed when they vary; with ``archive`` set always (``vq-K512-s0``, K from the preset
-        when not swept), so narrowed sweeps into one archive never share a name, nor resume each other's runs."""
+        when not swept; a staged schedule's freeze step too, ``ns-vq-freeze1250-K1024-s0``), so narrowed sweeps
+        into one archive or output folder never share a name, nor resume each other's runs."""
         sizes = self.num_codes or [None]
-        preset_k = (load_config(TokenizerConfig, self.preset, list(self.tokenizer)).quantizer.num_codes
-                    if self.archive else None)
+        preset = load_config(TokenizerConfig, self.preset, list(self.tokenizer)) if self.archive else None
+        # a staged schedule is a variant of its own: its runs never share a name (or a checkpoint) with the plain ones
+        staged = f"-freeze{preset.schedule.freeze_encoder_at}" if preset and preset.schedule.freeze_encoder_at else ""
         out = []
         for seed in self.seeds:
             for q in self.quantizers:
                 for k in sizes:
                     if self.archive:
-                        name = f"{q}-K{k or preset_k}-s{seed}"
+                        name = f"{q}{staged}-K{k or preset.quantizer.num_codes}-s{seed}"
                     else:
                         name = q + (f"-K{k}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(self.seeds) > 1 else "")
                     out.append((name, q, k, seed))

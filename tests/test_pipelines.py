@@ -446,6 +446,8 @@ def test_archived_run_names_always_carry_quantizer_k_and_seed():
         "nsvq-noise-K512-s0", "nsvq-noise-K8192-s0", "nsvq-noise-K512-s1", "nsvq-noise-K8192-s1"]
     assert set(names(num_codes=[8192], seeds=[1], archive="a")).isdisjoint(names(num_codes=[8192], seeds=[2], archive="a"))
     assert names(num_codes=[8192], seeds=[2]) == ["nsvq-noise"]
+    staged = SweepConfig(quantizers=["ns-vq"], preset="tiny-nsvq2026", num_codes=[512], archive="a").runs()
+    assert [name for name, *_ in staged] == ["ns-vq-freeze240-K512-s0"]  # never the plain ns-vq run's folder
 
 
 
