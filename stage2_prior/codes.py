@@ -84,7 +84,8 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
     save_file({"indices": idx.to(torch.int32).contiguous(), "latents": latents.contiguous(),
                "labels": labels.contiguous()}, str(tmp),
               metadata={"tokenizer_hash": digest, "num_codes": str(model.quantize.num_codes),
-                        "scaling_factor": repr(scaling), "source": cfg.data.source, "num_images": "" if num_images is None else str(num_images)})
+                        "scaling_factor": repr(scaling), "source": cfg.data.source,
+                        "num_images": "" if num_images is None else str(num_images)})
     tmp.replace(path)
     model.register_to_config(scaling_factor=scaling)
     model.save_config(run / "tokenizer")  # the scale travels with the tokenizer (and its export)
