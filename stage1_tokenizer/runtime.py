@@ -46,8 +46,8 @@ def process_state() -> PartialState:
 
 def native_bf16() -> bool:
     """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
-    Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated: measured 8.6x slower than fp32 for the ``tiny`` GPT step
-    and 13x for the ``tiny`` UNet on an AVX2 EPYC, against 1.3-1.7x faster on AVX512-BF16."""
+    Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated: on an AVX2 EPYC the ``tiny`` GPT step took 10.9x, the
+    ``tiny`` UNet's 15.9x the fp32 time, against 1.3-1.7x faster on AVX512-BF16 (benchmarks/results/precision-avx2.md)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     if torch.backends.mps.is_available():
