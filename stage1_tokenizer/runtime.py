@@ -52,7 +52,9 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
     if torch.backends.mps.is_available():
         return False
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch's capability probes are private: a build without them is treated as having neither
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
 
 
 def resolve_precision(mixed_precision: str) -> str:
