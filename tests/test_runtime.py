@@ -45,6 +45,14 @@ def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, a
     assert runtime.resolve_precision("fp16") == "fp16"  # explicit choices are kept
 
 
+def test_auto_precision_without_torchs_private_cpu_probes_is_fp32(monkeypatch):
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.delattr(runtime.torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(runtime.torch.cpu, "_is_amx_tile_supported")
+    assert runtime.resolve_precision("auto") == "no"
+
+
 def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
     monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
     for supported, expected in ((True, "bf16"), (False, "no")):
