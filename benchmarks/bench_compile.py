@@ -97,13 +97,14 @@ def main():
                            {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]})
                     rows.append(dict(stage=stage, precision=precision, compile=compiled, **res))
                     print(rows[-1], flush=True)
+    def timed(stage, precision, compiled):  # the measured row of that setting, if any
+        return next((e for e in rows if (e["stage"], e["precision"], e["compile"]) == (stage, precision, compiled)
+                     and "median_s" in e), None)
+
     for r in rows:
-        eager = next((e for e in rows if e["stage"] == r["stage"] and e["precision"] == r["precision"]
-                      and not e["compile"] and "median_s" in e), None)
+        eager, fp32 = timed(r["stage"], r["precision"], False), timed(r["stage"], "no", r["compile"])
         if r["compile"] and eager and "median_s" in r:
             r["speedup"] = eager["median_s"] / r["median_s"]
-        fp32 = next((e for e in rows if e["stage"] == r["stage"] and e["precision"] == "no"
-                     and e["compile"] == r["compile"] and "median_s" in e), None)
         if r["precision"] == "bf16" and fp32 and "median_s" in r:
             r["bf16_vs_fp32"] = r["median_s"] / fp32["median_s"]
     from stage1_tokenizer.runtime import native_bf16

@@ -97,8 +97,9 @@ def read_cache(path: Path) -> CodeCache:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in ("indices", "latents", "labels")}
+    num_images = int(meta["num_images"]) if meta.get("num_images") else None  # "" (or absent): the tokenizer's own
     return CodeCache(tensors["indices"].long(), tensors["latents"], tensors["labels"], int(meta["num_codes"]),
-                     float(meta["scaling_factor"]), meta["tokenizer_hash"], int(meta["num_images"]) if meta.get("num_images") else None)
+                     float(meta["scaling_factor"]), meta["tokenizer_hash"], num_images)
 
 
 def load_codes(run_dir: str | Path, batch_size: int = 256, num_images: int | None = None) -> CodeCache:
