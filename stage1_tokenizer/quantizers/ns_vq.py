@@ -31,7 +31,7 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
     takes each row's own maximum off, so it is finite for every ``tau > 0``. One more matmul gives every sum the
     loss and its gradient need: ``W_k = sum_i w_ik``, ``S_k = sum_i w_ik z_i``, ``Q_k = sum_i w_ik ||z_i||^2``.
     Then ``L = (sum_k Q_k - 2 c_k.S_k + ||c_k||^2 W_k) / (N D)`` and ``dL/dc_k = 2 (c_k W_k - S_k) / (N D)``.
-    The second output is the regime diagnostic: the mean over latents of the non-winner weight sum.
+    The second output is the regime diagnostic: the mean over latents of the non-winner weight sum, read off ``W``.
     """
 
     @staticmethod
@@ -44,7 +44,6 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
         left_all = torch.cat([z, z.new_ones(n, 1)], dim=1)
         stats_all = torch.cat([left_all, z_sq], dim=1)
         acc = codebook.new_zeros(d + 2, k)  # [S | W | Q] transposed: the accumulation reads w row by row
-        nonwinner = codebook.new_zeros((), dtype=torch.float64)
         cpu = codebook.device.type == "cpu"
         rows, _ = block_sizes(n, k, min(max_elements, CPU_BLOCK_ELEMENTS) if cpu else max_elements)
         for r0 in range(0, n, rows):
@@ -52,14 +51,13 @@ class _DenseEmbeddingLoss(torch.autograd.Function):
             w = torch.softmax(left_all[r0 : r0 + rows] @ right.T, dim=1)
             w.mul_(lam * k).clamp_max_(1.0)  # min(1, lam K softmax)
             w.scatter_(1, idx[r0 : r0 + rows, None], 1.0)  # the winner's weight is 1
-            nonwinner += (w.sum(1) - 1).double().sum()
             acc.addmm_(stats_all[r0 : r0 + rows].T, w)
         weighted_z, weight_sum, weighted_z_sq = acc[:d].T, acc[d], acc[d + 1]
         total = (weighted_z_sq.double().sum() - 2 * (codebook * weighted_z).double().sum()
                  + (code_sq * weight_sum).double().sum())
         ctx.save_for_backward(codebook, weight_sum, weighted_z)
         ctx.scale = 1.0 / (n * d)
-        mass = (nonwinner / n).to(codebook.dtype)
+        mass = (weight_sum.double().sum() / n - 1).to(codebook.dtype)  # each latent's weights sum, less its winner's
         ctx.mark_non_differentiable(mass)
         return (total * ctx.scale).to(codebook.dtype), mass
 

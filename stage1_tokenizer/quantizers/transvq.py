@@ -136,5 +136,9 @@ class TransVQ(Quantizer):
             with torch.no_grad():
                 e = self.transform.rows(x, h, summary)
             idx = self.nearest(z, e)
-            c = self.transform.rows(x[idx], h[idx], summary)
+            if idx.device.type == "cpu":  # each selected code once (unique's size would sync a GPU with the host)
+                used, inverse = torch.unique(idx, return_inverse=True)
+                c = self.transform.rows(x[used], h[used], summary)[inverse]
+            else:
+                c = self.transform.rows(x[idx], h[idx], summary)
         return straight_through(z, c), idx, vq_loss(z, c, self.beta)
