@@ -95,14 +95,14 @@ def make_step(variant, K, D, device):
 def floor_step(variant, K, D, device):
     """The `bound` step plus the work any exact step of ``variant`` must add, with torch's fastest kernels.
 
-    ns-vq-floor: Eq. 17's three unavoidable passes over every (latent, code) pair, in the library's blocks: the
-    logits (one matmul), one exp each (torch's fused softmax, its fastest exp) and the weighted sums the
-    gradient needs (one matmul); no clamp, winner weight or loss value. transvq-floor: the map ``P(C)`` over all
+    ns-vq-floor: Eq. 17's three unavoidable passes over every (latent, code) pair, in the search's cache-sized tiles
+    (a lower bound: the real softmax spans all K codes): the logits (one matmul), one exp each (torch's fused
+    softmax, its fastest exp) and the weighted sums the gradient needs (one matmul); no clamp, winner weight or
+    loss value. transvq-floor: the map ``P(C)`` over all
     K codes without autograd, which the search needs; no gradient through it.
     """
     from stage1_tokenizer.quantizers import build_quantizer
-    from stage1_tokenizer.quantizers.ns_vq import CPU_BLOCK_ELEMENTS
-    from stage1_tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS, block_sizes
+    from stage1_tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS, search_plan
     bound, grads = make_step("bound", K, D, device)
     z, C = grads
     if variant == "transvq-floor":
@@ -115,14 +115,15 @@ def floor_step(variant, K, D, device):
         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, D)
         left = torch.cat([flat, flat.new_ones(len(flat), 1)], 1)
         stats = torch.cat([left, flat.pow(2).sum(1, keepdim=True)], 1)
-        cap = min(DEFAULT_MAX_ELEMENTS, CPU_BLOCK_ELEMENTS) if device.type == "cpu" else DEFAULT_MAX_ELEMENTS
-        rows, _ = block_sizes(len(flat), K, cap)
+        rows, codes, _ = search_plan(device, len(flat), K, DEFAULT_MAX_ELEMENTS)  # the search's tiles
 
         def extra():
             right = torch.cat([C.detach() * 2, -C.detach().pow(2).sum(1, keepdim=True)], 1)
             acc = C.new_zeros(D + 2, K)
             for r0 in range(0, len(flat), rows):
-                acc.addmm_(stats[r0 : r0 + rows].T, torch.softmax(left[r0 : r0 + rows] @ right.T, dim=1))
+                for c0 in range(0, K, codes):  # a softmax over a tile's codes: the same number of exps
+                    w = torch.softmax(left[r0 : r0 + rows] @ right[c0 : c0 + codes].T, dim=1)
+                    acc[:, c0 : c0 + codes].addmm_(stats[r0 : r0 + rows].T, w)
 
     def step():
         extra()
@@ -346,7 +347,7 @@ def write_markdown(path, meta, rows, checks):
         "- Library variants: `build_quantizer(name, K, D, replacement=\"none\")`, train mode.",
         "- Floors: `bound` plus the work any exact step of the variant must add, with torch's fastest kernels. "
         "`ns-vq-floor`: Eq. 17's logits (one matmul), one exp per (latent, code) pair (torch's fused softmax) and the "
-        "weighted sums its gradient needs (one matmul), in the library's blocks. `transvq-floor`: the map `P(C)` over "
+        "weighted sums its gradient needs (one matmul), in the search's cache-sized tiles (a lower bound). `transvq-floor`: the map `P(C)` over "
         "all K codes without autograd, which the search needs. A floor above 2x `vq` puts the 2x target out of reach "
         "without hand-written fused kernels.", "",
         "- `x limit` = min ms / the matmul limit `2 N K D` FLOPs at the best rate of a "
