@@ -22,7 +22,7 @@ if [[ "$DEVICE" == cpu ]]; then
   export CUDA_VISIBLE_DEVICES=""
   QUANT=(--quick) STEPS=20 LENGTHS=(64) IMAGES=64
 else
-  QUANT=(--variants vq,ns-vq,diveq,simvq,transvq,rotation) STEPS=200 LENGTHS=(256 1024) IMAGES=500
+  QUANT=(--variants vq,ns-vq,ns-vq-floor,diveq,simvq,transvq,transvq-floor,rotation) STEPS=200 LENGTHS=(256 1024) IMAGES=500
 fi
 REPORT="$OUT.md"
 {
