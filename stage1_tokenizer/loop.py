@@ -103,9 +103,9 @@ class TrainLoop(abc.ABC):
                 save_config(self.cfg, self.out / "config.yaml")
         else:
             self.acc.load_state(str(latest))
-            if self.acc.is_main_process:
-                self.metrics.truncate_after(self.state.step)
             self.acc.print(f"resumed from {latest} at step {self.state.step}")
+        if self.acc.is_main_process:  # no lines past the restored step; a restart from scratch keeps none
+            self.metrics.truncate_after(self.state.step)
         if self.trackers:
             name = self.cfg.train.run_name or self.out.resolve().name
             self.acc.init_trackers(name, config=flat_config(to_dict(self.cfg)),

@@ -197,6 +197,17 @@ def test_corrupt_images_are_skipped_named_and_counted(tmp_path, caplog):
     assert run["skipped_images"] == 1 and run["skipped_files"][0].endswith("broken.png")
 
 
+def test_restart_from_scratch_drops_the_killed_attempts_metrics(tmp_path):
+    cfg = small_config("train.max_steps=4", "train.checkpoint_every=1000", "train.log_every=2")
+    stale = [{"step": 2, "loss": 9.0}, {"step": 4, "loss": 9.0}, {"step": 6, "loss": 9.0}]  # killed before a checkpoint
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    train_tokenizer(cfg, tmp_path, resume=True)
+    records = [r for r in MetricsLog(tmp_path / "metrics.jsonl").read() if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+    assert all(r["loss"] != 9.0 for r in records)
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     cfg = small_config("train.max_steps=1", "train.checkpoint_every=1000")
     train_tokenizer(cfg, tmp_path)
