@@ -141,6 +141,7 @@ def _plot_curves(runs: list[dict], key: str, ylabel: str, title: str, path: Path
                         by_step.setdefault(c["step"], []).append(scale * c[key])
             steps = sorted(by_step)
             line, = ax.plot(steps, [statistics.fmean(by_step[t]) for t in steps], lw=1.1,
+                            marker="o" if len(steps) < 50 else None, ms=3,  # sparse curves (per epoch) show points
                             label=variant + (f" ({len(members)} seeds)" if len(members) > 1 else ""))
             if len(members) > 1:
                 ax.fill_between(steps, [min(by_step[t]) for t in steps], [max(by_step[t]) for t in steps],
@@ -252,6 +253,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     summary = summarise(runs, by_size)
     plots = []
     for name, key, ylabel, scale in (("usage_curves.png", "usage", "codes used in batch (%)", 100.0),
+                                     ("usage_epoch_curves.png", "usage_epoch", "codes used over the epoch (%)", 100.0),
                                      ("perplexity_curves.png", "perplexity", "batch perplexity", 1.0),
                                      ("loss_curves.png", "loss", "training loss", 1.0),
                                      ("drift_curves.png", "drift", "encoder drift per step", 1.0)):

@@ -18,7 +18,7 @@ def two_runs(tmp_path_factory):
     runs = []
     for seed in (0, 1):
         cfg = small_config("model.resolution=32", "train.max_steps=4", "train.checkpoint_every=100",
-                           f"train.seed={seed}", "train.sample_every=4")
+                           f"train.seed={seed}", "train.sample_every=4", "data.num_images=64")  # 4 steps = 1 epoch
         train_tokenizer(cfg, root / f"vq-s{seed}")
         runs.append(root / f"vq-s{seed}")
     return runs
@@ -51,7 +51,7 @@ def test_report_groups_runs_and_reports_mean_and_std(two_runs, tmp_path):
     assert summary["vq"]["rfid"]["std"] == pytest.approx(statistics.stdev(rfids))
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| vq | 2 |" in text and "±" in text
-    for png in ("usage_curves.png", "rfid_per_quantizer.png", "code_frequencies.png"):
+    for png in ("usage_curves.png", "usage_epoch_curves.png", "rfid_per_quantizer.png", "code_frequencies.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     assert json.loads((tmp_path / "report" / "results.json").read_text()) == summary
 
