@@ -98,8 +98,8 @@ def floor_step(variant, K, D, device):
     ns-vq-floor: Eq. 17's three unavoidable passes over every (latent, code) pair, in the search's cache-sized tiles
     (a lower bound: the real softmax spans all K codes): the logits (one matmul), one exp each (torch's fused
     softmax, its fastest exp) and the weighted sums the gradient needs (one matmul); no clamp, winner weight or
-    loss value. transvq-floor: the map ``P(C)`` over all
-    K codes without autograd, which the search needs; no gradient through it.
+    loss value. transvq-floor: the map ``P(C)`` over all K codes without autograd, which the search needs; no
+    gradient through it.
     """
     from stage1_tokenizer.quantizers import build_quantizer
     from stage1_tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS, search_plan
@@ -347,9 +347,9 @@ def write_markdown(path, meta, rows, checks):
         "- Library variants: `build_quantizer(name, K, D, replacement=\"none\")`, train mode.",
         "- Floors: `bound` plus the work any exact step of the variant must add, with torch's fastest kernels. "
         "`ns-vq-floor`: Eq. 17's logits (one matmul), one exp per (latent, code) pair (torch's fused softmax) and the "
-        "weighted sums its gradient needs (one matmul), in the search's cache-sized tiles (a lower bound). `transvq-floor`: the map `P(C)` over "
-        "all K codes without autograd, which the search needs. A floor above 2x `vq` puts the 2x target out of reach "
-        "without hand-written fused kernels.", "",
+        "weighted sums its gradient needs (one matmul), in the search's cache-sized tiles (a lower bound). "
+        "`transvq-floor`: the map `P(C)` over all K codes without autograd, which the search needs. A floor above 2x "
+        "`vq` puts the 2x target out of reach without hand-written fused kernels.", "",
         "- `x limit` = min ms / the matmul limit `2 N K D` FLOPs at the best rate of a "
         f"{SQUARE} x {SQUARE} fp32 matmul timed between the steps in the same subprocess (`GFLOP/s`).",
         "",
