@@ -191,7 +191,7 @@ class GPTTrainer(PriorTrainer):
         for chunk, lab in zip(seq.split(4 * self.cfg.train.batch_size), labels.split(4 * self.cfg.train.batch_size)):
             chunk = chunk.to(device)
             start = start_tokens(len(chunk), self.codes.num_codes, lab if self.num_classes else None).to(device)
-            logits = self.unwrapped(input_ids=torch.cat([start, chunk[:, :-1]], dim=1)).logits
+            logits = self.unwrapped(input_ids=torch.cat([start, chunk[:, :-1]], dim=1), use_cache=False).logits
             total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk.reshape(-1), reduction="sum").item()
         return total / seq.numel() / math.log(2)
 
@@ -205,7 +205,7 @@ class GPTTrainer(PriorTrainer):
         K = self.codes.num_codes
         with self.acc.accumulate(self.model):
             inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None)
-            logits = self.train_model(input_ids=inputs).logits
+            logits = self.train_model(input_ids=inputs, use_cache=False).logits  # no KV cache to build when teacher forcing
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             self._optimise(loss, step)
         return {"loss": loss.detach(), "lr": self.sched.get_last_lr()[0]}
