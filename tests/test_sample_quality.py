@@ -5,6 +5,7 @@ import pytest
 from cleanfid.fid import kernel_distance
 
 from eval.fid import Features, Stats, frechet_distance
+import eval.sample_quality as sample_quality_module
 from eval.sample_quality import _fid_to, fid_interval, kid, prdc_metrics, sample_quality
 
 
@@ -12,7 +13,9 @@ def gaussian(n: int, d: int = 16, scale: float = 1.0, shift: float = 0.0, seed: 
     return Features(np.random.default_rng(seed).normal(shift, scale, (n, d)))
 
 
-def test_kid_equals_clean_fid_and_reports_its_spread():
+@pytest.mark.parametrize("gram_limit", [sample_quality_module.GRAM_LIMIT, 0], ids=["kernel-matrices", "per-subset"])
+def test_kid_equals_clean_fid_and_reports_its_spread(gram_limit, monkeypatch):
+    monkeypatch.setattr(sample_quality_module, "GRAM_LIMIT", gram_limit)
     gen, ref = gaussian(300, shift=0.3, seed=1), gaussian(400, seed=2)
     np.random.seed(7)
     theirs = kernel_distance(gen.array, ref.array, num_subsets=20, max_subset_size=100)
