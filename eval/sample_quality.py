@@ -39,17 +39,19 @@ def kid(gen: Features, ref: Features, num_subsets: int = KID_SUBSETS, max_subset
     def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a @ b.T / d + 1) ** 3
 
-    if max(len(f1), len(f2)) <= GRAM_LIMIT:
+    whole = max(len(f1), len(f2)) <= GRAM_LIMIT
+    if whole:
         k_rr, k_gg, k_rg = kernel(f2, f2), kernel(f1, f1), kernel(f2, f1)
-        blocks = lambda ix, iy: (k_rr[np.ix_(ix, ix)] + k_gg[np.ix_(iy, iy)], k_rg[np.ix_(ix, iy)])  # noqa: E731
-    else:
-        blocks = lambda ix, iy: (kernel(f2[ix], f2[ix]) + kernel(f1[iy], f1[iy]), kernel(f2[ix], f1[iy]))  # noqa: E731
     rng = np.random.RandomState(seed)
     values = np.empty(num_subsets)
     for i in range(num_subsets):
         ix = rng.choice(len(f2), m, replace=False)
         iy = rng.choice(len(f1), m, replace=False)
-        a, b = blocks(ix, iy)
+        if whole:
+            a, b = k_rr[np.ix_(ix, ix)] + k_gg[np.ix_(iy, iy)], k_rg[np.ix_(ix, iy)]
+        else:
+            x, y = f2[ix], f1[iy]
+            a, b = kernel(x, x) + kernel(y, y), kernel(x, y)
         values[i] = ((a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m) / m
     return float(values.mean()), float(values.std(ddof=1)) if num_subsets > 1 else 0.0
 

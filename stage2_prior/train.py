@@ -205,7 +205,7 @@ class GPTTrainer(PriorTrainer):
         K = self.codes.num_codes
         with self.acc.accumulate(self.model):
             inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None)
-            logits = self.train_model(input_ids=inputs, use_cache=False).logits  # no KV cache to build when teacher forcing
+            logits = self.train_model(input_ids=inputs, use_cache=False).logits  # teacher forcing reads no KV cache
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             self._optimise(loss, step)
         return {"loss": loss.detach(), "lr": self.sched.get_last_lr()[0]}
