@@ -68,7 +68,9 @@ def _fold_before(conv: nn.Conv2d, linear: nn.Linear | None) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def to_vqmodel(tokenizer: VQTokenizer) -> VQModel:
-    """A stock ``VQModel`` whose encode-quantise-decode equals the tokenizer's inference path."""
+    """A stock ``VQModel`` whose encode-quantise-decode equals the tokenizer's inference path; a tokenizer with
+    ``config.latents_mean`` (a centred LDM's) gets its lookup space translated by minus that mean, so the stock
+    ``decode`` of centred latents re-quantises to the same codes and images (nearest codes are translation-invariant)."""
     reason = stock_incompatibility(tokenizer)
     if reason:
         raise ValueError(f"cannot export as a stock VQModel: {reason}")
@@ -89,6 +91,11 @@ def to_vqmodel(tokenizer: VQTokenizer) -> VQModel:
         conv.weight.copy_(w[:, :, None, None])
         conv.bias.copy_(b)
     vq.quantize.embedding.weight.copy_(codebook.detach())
+    if cfg.latents_mean is not None:
+        mean = torch.tensor(cfg.latents_mean, dtype=codebook.dtype)
+        vq.quant_conv.bias.sub_(mean)
+        vq.quantize.embedding.weight.sub_(mean)
+        vq.post_quant_conv.bias.add_(vq.post_quant_conv.weight[:, :, 0, 0] @ mean)
     return vq.eval()
 
 
@@ -113,7 +120,7 @@ def to_lookup_tokenizer(tokenizer: VQTokenizer) -> VQLookupTokenizer:
                               code_dim=codebook.shape[1], num_quantizers=len(stages),
                               residual=isinstance(q, ResidualVQ), in_map=in_map is not None,
                               out_map=out_map is not None, logits=logits is not None,
-                              scaling_factor=cfg.scaling_factor)
+                              scaling_factor=cfg.scaling_factor, latents_mean=cfg.latents_mean)
     for name in ("encoder", "quant_conv", "post_quant_conv", "decoder"):
         getattr(model, name).load_state_dict(getattr(tokenizer, name).state_dict())
     for target, (codebook, in_map, out_map, logits) in zip(model.stages, parts):
@@ -216,6 +223,7 @@ def export_ldm(prior_dir: str | Path, out_dir: str | Path, dataset: str | None =
     run, cfg, tokenizer, facts = _prior_run(prior_dir, dataset)
     if run.get("kind") != "ldm":
         raise ValueError(f"{prior_dir} is a {run.get('kind')} run, not an ldm run")
+    tokenizer.register_to_config(scaling_factor=run["scaling_factor"], latents_mean=run.get("latents_mean"))
     pipe = LDMPipeline(vqvae=export_tokenizer(tokenizer), unet=UNet2DModel.from_pretrained(prior_dir / "unet"),
                        scheduler=DDIMScheduler.from_pretrained(prior_dir / "scheduler"))
     sampling = {"num_inference_steps": cfg["ldm"]["num_inference_steps"], "eta": cfg["ldm"]["eta"]}

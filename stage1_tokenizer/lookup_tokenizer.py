@@ -27,6 +27,13 @@ def nearest_rows(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
                       for r in range(0, z.shape[0], rows)]) if len(z) else z.new_zeros(0, dtype=torch.long)
 
 
+def uncentre(latents: torch.Tensor, latents_mean: list[float] | None) -> torch.Tensor:
+    """Latents (B, D, h, w) plus the per-channel mean a centred prior removed (none: unchanged)."""
+    if latents_mean is None:
+        return latents
+    return latents + torch.tensor(latents_mean, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+
+
 class LookupStage(nn.Module):
     """One depth: a token is ``argmax(to_logits(z))`` or the nearest ``codebook`` row to ``in_map(z)``; it decodes
     to ``out_map(codebook[token])``. Absent maps are identities."""
@@ -60,7 +67,8 @@ class VQLookupTokenizer(ModelMixin, ConfigMixin):
                  layers_per_block: int = 1, latent_channels: int = 16, vq_embed_dim: int = 16, norm_num_groups: int = 8,
                  act_fn: str = "silu", mid_block_add_attention: bool = False, num_codes: int = 256,
                  code_dim: int = 16, num_quantizers: int = 1, residual: bool = False, in_map: bool = False,
-                 out_map: bool = False, logits: bool = False, scaling_factor: float = 1.0):
+                 out_map: bool = False, logits: bool = False, scaling_factor: float = 1.0,
+                 latents_mean: list[float] | None = None):
         super().__init__()
         depth = len(block_out_channels)
         if num_quantizers > 1 and not residual:
@@ -118,8 +126,9 @@ class VQLookupTokenizer(ModelMixin, ConfigMixin):
         return nearest_rows(latents.permute(0, 2, 3, 1).reshape(-1, d), self.stages[0].codebook).view(b, h, w)
 
     def decode(self, latents: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True):
-        """``VQModel.decode``'s contract: re-quantise through the frozen codebook (always), then decode."""
-        image = self.decode_indices(self.requantize(latents))
+        """``VQModel.decode``'s contract: re-quantise through the frozen codebook (always), then decode; the
+        per-channel ``config.latents_mean`` a centred prior removed is added back first."""
+        image = self.decode_indices(self.requantize(uncentre(latents, self.config.latents_mean)))
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):

@@ -11,6 +11,7 @@ from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .lookup_tokenizer import uncentre
 from .quantizers import QuantizerOutput, ResidualVQ, build_quantizer
 from .quantizers.search import nearest_code
 from .schedules import base_quantizers
@@ -25,7 +26,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
                  layers_per_block: int = 1, latent_channels: int = 16, vq_embed_dim: int = 16,
                  norm_num_groups: int = 8, act_fn: str = "silu", mid_block_add_attention: bool = False,
                  quantizer: str = "vq", num_codes: int = 256, quantizer_options: dict | None = None,
-                 scaling_factor: float = 1.0):
+                 scaling_factor: float = 1.0, latents_mean: list[float] | None = None):
         super().__init__()
         depth = len(block_out_channels)
         self.encoder = Encoder(in_channels, latent_channels, ("DownEncoderBlock2D",) * depth, tuple(block_out_channels),
@@ -98,9 +99,10 @@ class VQTokenizer(ModelMixin, ConfigMixin):
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """``VQModel.decode``'s contract: re-quantise latents through the frozen codebook, then decode.
 
-        This lets ``diffusers.LDMPipeline`` sample with this tokenizer as its ``vqvae``.
+        This lets ``diffusers.LDMPipeline`` sample with this tokenizer as its ``vqvae``; a prior trained on centred
+        latents sets ``config.latents_mean``, added back here before re-quantisation.
         """
-        image = self.decode_indices(self.requantize(latents))
+        image = self.decode_indices(self.requantize(uncentre(latents, self.config.latents_mean)))
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(self, x: torch.Tensor, freeze_encoder: bool = False) -> tuple[torch.Tensor, QuantizerOutput]:

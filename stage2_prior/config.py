@@ -45,6 +45,7 @@ class LDMConfig:
     num_inference_steps: int = 50  # DDIM steps for samples
     eta: float = 0.0
     prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (LDM) | v_prediction (Salimans & Ho 2022)
+    center_latents: bool = False  # subtract the cache's per-channel mean before 1/std (METHODS: scale only)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

@@ -2,7 +2,9 @@
 
 Latents are scaled by the tokenizer's ``scaling_factor`` (1 / std of the code cache) to unit variance;
 samples are divided by it, re-quantised through the frozen codebook and decoded, exactly as
-``diffusers.LDMPipeline`` does with a ``VQModel``.
+``diffusers.LDMPipeline`` does with a ``VQModel``. With ``ldm.center_latents`` the cache's per-channel mean
+is subtracted first (``scaling_factor`` then 1 / std of the centred latents) and ``config.latents_mean`` adds
+it back before re-quantisation; export folds it into the stock ``VQModel``'s lookup space.
 """
 from __future__ import annotations
 

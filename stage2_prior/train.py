@@ -237,10 +237,18 @@ class GPTTrainer(PriorTrainer):
 
 
 class LDMTrainer(PriorTrainer):
-    """DDPM noise prediction on unit-variance quantised latents; an EMA of the UNet is what gets saved."""
+    """DDPM noise prediction on unit-variance quantised latents (per-channel centred first with
+    ``ldm.center_latents``); an EMA of the UNet is what gets saved."""
 
     def _build(self):
-        latents = self.codes.latents * self.codes.scaling_factor
+        latents, mean, scale = self.codes.latents, None, self.codes.scaling_factor
+        if self.cfg.ldm.center_latents:
+            mean = latents.mean((0, 2, 3), keepdim=True)
+            latents = latents - mean
+            scale, mean = 1 / latents.std().item(), mean.flatten().tolist()
+        # the tokenizer in memory decodes as the export will: add the mean back, then re-quantise
+        self.tokenizer.register_to_config(scaling_factor=scale, latents_mean=mean)
+        latents = latents * scale
         _, channels, h, w = latents.shape
         if h != w:
             raise ValueError(f"the LDM needs square latent grids, got {h}x{w}")
@@ -300,7 +308,8 @@ class LDMTrainer(PriorTrainer):
         if self.acc.is_main_process:
             self.ema_unet().save_pretrained(final, safe_serialization=True)
             sampling_scheduler(self.noise_scheduler).save_pretrained(self.out / "scheduler")
-            self._run_json(step, seconds, scaling_factor=self.codes.scaling_factor,
+            tok = self.tokenizer.config
+            self._run_json(step, seconds, scaling_factor=tok.scaling_factor, latents_mean=tok.latents_mean,
                            latent_shape=list(self.codes.latents.shape[1:]))
         self.acc.wait_for_everyone()
         return final

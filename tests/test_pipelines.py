@@ -88,6 +88,64 @@ def test_stock_vqmodel_equals_the_tokenizer(name):
         torch.testing.assert_close(vq.decode(latents).sample, tok.decode(latents).sample, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vq", "simvq", "transvq", "sf-diveq", "rvq", "gumbel"])
+def test_a_centred_tokenizer_exports_a_decode_of_centred_latents_equal_to_the_plain_one(name, tmp_path):
+    """With ``latents_mean`` set (a centred LDM), the export (stock: folded into the lookup space; lookup tokenizer:
+    its config, round-tripped) decodes ``latents - mean`` as the plain tokenizer decodes ``latents``; the stock
+    model's own tokens and reconstructions are unchanged by the translation."""
+    tok = _tokenizer(name, **({"inference": "hard"} if name.startswith("sf-") else {}))
+    plain = export_tokenizer(tok)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        tokens = tok.tokenize(x)
+        latents = tok.lookup_latents(tokens) + 0.01 * torch.randn_like(tok.lookup_latents(tokens))
+        mean = latents.mean((0, 2, 3)) + torch.randn(latents.shape[1])  # an offset of the codes' own scale
+        tok.register_to_config(latents_mean=mean.tolist())
+        export_tokenizer(tok).save_pretrained(tmp_path, safe_serialization=True)
+        centred = type(plain).from_pretrained(tmp_path).eval()
+        centred_latents = latents - mean.view(1, -1, 1, 1)
+        want = plain.decode(latents).sample
+        torch.testing.assert_close(centred.decode(centred_latents).sample, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(tok.decode(centred_latents).sample, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(centred(x).sample, plain(x).sample, rtol=0, atol=1e-5)
+        if isinstance(centred, VQLookupTokenizer):
+            assert centred.config.latents_mean == pytest.approx(mean.tolist())
+        else:  # stock: nothing in the config, the translation lives in the weights
+            assert "latents_mean" not in centred.config
+            _, _, (_, _, stock_tokens) = centred.quantize(centred.encode(x).latents)
+            assert torch.equal(stock_tokens.view(tokens.shape), tokens)
+
+
+def test_a_centred_ldm_trains_on_zero_mean_unit_variance_latents_and_its_export_decodes_the_cache(tmp_path):
+    """``ldm.center_latents``: the UNet's examples have per-channel mean 0 and std 1, run.json keeps the mean and
+    the centred scale, and the exported stock pipeline decodes centred cache latents to the cached codes' images."""
+    from stage2_prior.codes import load_codes
+    from stage2_prior.train import LDMTrainer
+
+    tok = tiny_tokenizer_run(tmp_path / "tok", "train.max_steps=4")
+    trainer = LDMTrainer(prior_config("ldm", tok, "train.max_steps=2", "ldm.center_latents=true",
+                                      "train.val_fraction=0.5"), tmp_path / "ldm")
+    examples = torch.cat([trainer.val[0], trainer.train_probe[0]])  # half held out, half probed: all of them
+    assert len(examples) == 32
+    torch.testing.assert_close(examples.mean((0, 2, 3)), torch.zeros(examples.shape[1]), rtol=0, atol=1e-5)
+    assert examples.std().item() == pytest.approx(1, rel=1e-4)
+    trainer.train()
+    codes = load_codes(tok)
+    mean = codes.latents.mean((0, 2, 3))
+    run = json.loads((tmp_path / "ldm" / "run.json").read_text())
+    assert run["latents_mean"] == pytest.approx(mean.tolist(), abs=1e-5)
+    centred = codes.latents - mean.view(1, -1, 1, 1)
+    assert run["scaling_factor"] == pytest.approx(1 / centred.std().item(), rel=1e-4)
+    assert run["scaling_factor"] != pytest.approx(codes.scaling_factor, rel=1e-3)  # the uncentred scale differs
+    pipe, _ = load_pipeline(export_ldm(tmp_path / "ldm", tmp_path / "pipe"), device="cpu")
+    assert pipe.vqvae.config.scaling_factor == pytest.approx(run["scaling_factor"])
+    _, plain = load_run(tok)
+    plain.set_hard_inference(True)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.vqvae.decode(centred[:4]).sample, plain.decode_indices(codes.indices[:4]),
+                                   rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["rvq", "gumbel"])
 def test_variants_without_a_stock_form_export_an_equal_lookup_tokenizer(name, tmp_path):
     """Same tokens, reconstruction, decode of tokens and of prior latents as the trained tokenizer; round-trips."""
