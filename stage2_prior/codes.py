@@ -25,17 +25,19 @@ from stage1_tokenizer.train import load_run
 logger = logging.getLogger(__name__)
 CACHE_NAME = "codes/train.safetensors"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+DECODE_SETTINGS = ("scaling_factor", "latents_mean")  # config keys that do not change the tokens
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
-    """sha256 of the weights and of the config without ``scaling_factor`` (which encoding itself writes)."""
+    """sha256 of the weights and of the config without the LDM's decode settings (``scaling_factor``, which
+    encoding itself writes, and ``latents_mean``, absent from tokenizers saved before it existed)."""
     tokenizer_dir = Path(tokenizer_dir)
     h = hashlib.sha256()
     with (tokenizer_dir / WEIGHTS).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     config = json.loads((tokenizer_dir / "config.json").read_text())
-    kept = {k: v for k, v in config.items() if k != "scaling_factor" and not k.startswith("_")}
+    kept = {k: v for k, v in config.items() if k not in DECODE_SETTINGS and not k.startswith("_")}
     h.update(json.dumps(kept, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -144,6 +144,13 @@ def test_changed_tokenizer_invalidates_the_cache(tokenizer_run, tmp_path):
     assert first.tokenizer_hash == tokenizer_hash(run / "tokenizer")
     stamp = cache_path(run).stat().st_mtime_ns
     assert load_codes(run).tokenizer_hash == first.tokenizer_hash and cache_path(run).stat().st_mtime_ns == stamp
+    config_path = run / "tokenizer" / "config.json"  # decode settings (a tokenizer saved before latents_mean
+    config = json.loads(config_path.read_text())      # existed, one saved after) do not invalidate the codes
+    for latents_mean in (None, [0.5] * 4):
+        config_path.write_text(json.dumps({**config, "latents_mean": latents_mean}))
+        assert tokenizer_hash(run / "tokenizer") == first.tokenizer_hash
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "latents_mean"}))
+    assert tokenizer_hash(run / "tokenizer") == first.tokenizer_hash
     weights = run / "tokenizer" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     state["quant_conv.weight"] = state["quant_conv.weight"] * -1.0
