@@ -119,7 +119,6 @@ def test_a_centred_tokenizer_exports_a_decode_of_centred_latents_equal_to_the_pl
 def test_a_centred_ldm_trains_on_zero_mean_unit_variance_latents_and_its_export_decodes_the_cache(tmp_path):
     """``ldm.center_latents``: the UNet's examples have per-channel mean 0 and std 1, run.json keeps the mean and
     the centred scale, and the exported stock pipeline decodes centred cache latents to the cached codes' images."""
-    from stage2_prior.codes import load_codes
     from stage2_prior.train import LDMTrainer
 
     tok = tiny_tokenizer_run(tmp_path / "tok", "train.max_steps=4")
@@ -130,7 +129,7 @@ def test_a_centred_ldm_trains_on_zero_mean_unit_variance_latents_and_its_export_
     torch.testing.assert_close(examples.mean((0, 2, 3)), torch.zeros(examples.shape[1]), rtol=0, atol=1e-5)
     assert examples.std().item() == pytest.approx(1, rel=1e-4)
     trainer.train()
-    codes = load_codes(tok)
+    codes = trainer.codes  # the cache the trainer read, not a second read of it
     mean = codes.latents.mean((0, 2, 3))
     run = json.loads((tmp_path / "ldm" / "run.json").read_text())
     assert run["latents_mean"] == pytest.approx(mean.tolist(), abs=1e-5)
