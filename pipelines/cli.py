@@ -155,7 +155,7 @@ def _cmd_sweep(args) -> int:
     if sweep.state.is_main_process:
         finished, failed = ", ".join(result["finished"]) or "none", ", ".join(result["failed"]) or "none"
         print(f"finished: {finished}; failed: {failed}; {result['seconds'] / 60:.1f} min. "
-              f"Report: {args.output_dir}/report.md")
+              f"Report: {args.output_dir}/report.md" + (f"\nSweep {result['stopped']}." if result["stopped"] else ""))
     return 0 if not result["failed"] else 1
 
 

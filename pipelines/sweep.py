@@ -58,6 +58,9 @@ class SweepConfig:
     sample_batch_size: int = 50
     max_steps: int | None = None  # cap on every training stage (smoke runs)
     archive: str | None = None  # keep each finished run's results (no weights) here; archived runs are not rerun
+    # stop once this many runs in a row fail with the same error: a broken environment, not a variant (0: never);
+    # the runs not yet started stay unstarted instead of each being marked failed
+    stop_after_failures: int = 3
     report_to: str = "none"  # experiment tracker of every training stage: tensorboard | wandb | all | none
 
     def __post_init__(self):
@@ -66,6 +69,8 @@ class SweepConfig:
             raise ValueError(f"unknown quantizer(s) {', '.join(unknown)}; choose from {', '.join(QUANTIZERS)} or 'all'")
         if not self.quantizers or not self.seeds:
             raise ValueError("a sweep needs at least one quantizer and one seed")
+        if self.stop_after_failures < 0:
+            raise ValueError(f"stop_after_failures must be >= 0 (0: never stop), got {self.stop_after_failures}")
         if unknown := [p for p in self.priors if p not in KINDS]:
             raise ValueError(f"unknown prior(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
         trackers_for(self.report_to)  # an unknown or uninstalled tracker fails before any run starts
@@ -240,6 +245,7 @@ class Sweep:
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
         failures, done = {}, {}  # done: run name -> the directory its report reads
+        streak, stopped = [], None  # streak: the errors of the latest runs, all failed in a row
         start = time.time()
         index, count = self.shard
         for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
@@ -260,7 +266,14 @@ class Sweep:
                 if self.state.is_main_process:
                     run.mkdir(parents=True, exist_ok=True)
                     (run / "error.txt").write_text(traceback.format_exc())
+                streak = streak + [failures[name]] if not streak or streak[-1] == failures[name] else [failures[name]]
+                if len(streak) == self.cfg.stop_after_failures:
+                    stopped = (f"stopped after {len(streak)} runs in a row failed with the same error ({streak[0]}): "
+                               f"fix it and rerun; the runs not yet started were left unstarted")
+                    logger.error("sweep %s", stopped)
+                    break
                 continue
+            streak = []
             (run / "error.txt").unlink(missing_ok=True)
             if archived is not None and self.state.is_main_process:
                 archive_run(run, archived)
@@ -271,8 +284,8 @@ class Sweep:
                      f"`{self.cfg.ldm_preset}`; rFID on {self.cfg.eval_images} held-out images, gFID on "
                      f"{self.cfg.gfid_images} samples per prior vs {self.cfg.ref_images or self.cfg.gfid_images} "
                      f"training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
-                     f"per-stage seconds in each run's timings.json).", ""]
+                     f"per-stage seconds in each run's timings.json).", *([f"**Sweep {stopped}.**"] if stopped else []), ""]
             write_report(list(done.values()), self.out,
                          "vqgen sweep: which quantizer makes the best tokenizer for generation?", failures, notes)
         self.state.wait_for_everyone()
-        return {"finished": list(done), "failed": failures, "seconds": seconds}
+        return {"finished": list(done), "failed": failures, "seconds": seconds, "stopped": stopped}

@@ -590,3 +590,30 @@ def test_rvq_and_gumbel_run_through_both_priors_and_export_lookup_tokenizers(non
         assert type(pipe.vqvae).__name__ == "VQLookupTokenizer"
         images = next(iter(sample_batches(pipe, sidecar, 2, 2)))
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_a_sweep_stops_when_runs_fail_in_a_row_with_the_same_error(tmp_path, monkeypatch):
+    """A broken environment fails every run the same way within seconds: after ``stop_after_failures`` such runs in
+    a row the sweep stops instead of marking the rest failed; a different error in between resets the count."""
+    import pipelines.sweep as sweep_mod
+
+    errors = {"vq": "boom", "ema": "other", "simvq": "boom", "diveq": "boom", "rotation": "boom"}
+    tried = []
+
+    def failing_tokenizer(self, run, q, k, seed):
+        tried.append(q)
+        raise RuntimeError(errors[q])
+
+    monkeypatch.setattr(sweep_mod.Sweep, "tokenizer", failing_tokenizer)
+    cfg = sweep_mod.SweepConfig(quantizers=list(errors), priors=[], stop_after_failures=2)
+    result = sweep_mod.Sweep(cfg, tmp_path / "out").run()
+    assert tried == ["vq", "ema", "simvq", "diveq"]  # vq/ema/simvq differ in a row; simvq + diveq: two alike, stop
+    assert list(result["failed"]) == tried and "RuntimeError: boom" in result["stopped"]
+    assert not (tmp_path / "out" / "rotation").exists()  # never started, so nothing marks it failed
+    assert "runs in a row failed" in (tmp_path / "out" / "report.md").read_text()
+
+    tried.clear()
+    never = sweep_mod.SweepConfig(quantizers=list(errors), priors=[], stop_after_failures=0)
+    assert sweep_mod.Sweep(never, tmp_path / "never").run()["stopped"] is None and tried == list(errors)
+    with pytest.raises(ValueError, match="stop_after_failures must be >= 0"):
+        sweep_mod.SweepConfig(stop_after_failures=-1)
