@@ -2,10 +2,13 @@
 
 A cache file is keyed by dataset name, resolution and number of images, and stores a fingerprint of the images
 (folder: file names, sizes, mtimes; tensor: its bytes; generator: a string the caller gives) together with
-the protocol and network; a file whose fingerprint differs is stale and is recomputed.
+the protocol and network; a file whose fingerprint differs is stale and is recomputed. Processes sharing a cache
+(sweep shards) compute each file once: the others wait on its lock, then read it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -60,20 +63,32 @@ def _read(path: str, expected: str, with_features: bool) -> tuple[Stats, Feature
     return None
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Hold an exclusive lock on ``path.lock`` (released when the holder exits or dies)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _cached(source: Source, name: str, resolution: int, num_images: int, cache_dir, fingerprint: str | None,
             with_features: bool, **kwargs) -> tuple[Stats, Features | None]:
     path = cache_path(cache_dir, name, resolution, num_images)
     expected = source_fingerprint(source, num_images, fingerprint)
-    if os.path.exists(path) and (cached := _read(path, expected, with_features)) is not None:
-        return cached
-    features = extract_features(source, num_images=num_images, **kwargs)
-    stats = Stats.of(features)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images, fingerprint=expected,
-                 features=features.array)
-    os.replace(tmp, path)
+    with _exclusive(path):  # a second process waits here for the first's file instead of computing it again
+        if os.path.exists(path) and (cached := _read(path, expected, with_features)) is not None:
+            return cached
+        features = extract_features(source, num_images=num_images, **kwargs)
+        stats = Stats.of(features)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images, fingerprint=expected,
+                     features=features.array)
+        os.replace(tmp, path)
     return stats, features
 
 

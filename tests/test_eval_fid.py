@@ -196,6 +196,29 @@ def test_reference_stats_cache(fake_extractor, tmp_path):
     assert fake_extractor == [5, 5, 4, 4]
 
 
+def test_processes_sharing_a_cache_compute_each_file_once(fake_extractor, tmp_path, monkeypatch):
+    """Two sweep shards asking for the same reference statistics at once: one computes, the other waits on the
+    file's lock and reads what the first wrote (without the lock both would see no file and compute)."""
+    import threading
+    import time
+
+    slow = fid_reference.extract_features
+
+    def extract(source, num_images, **kw):
+        time.sleep(0.5)  # long enough for the second caller to arrive while the first computes
+        return slow(source, num_images, **kw)
+    monkeypatch.setattr(fid_reference, "extract_features", extract)
+    x, results = waves(6, 0), []
+    callers = [threading.Thread(target=lambda: results.append(reference_stats(x, "toy", 32, 5, tmp_path)))
+               for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert fake_extractor == [5] and len(results) == 2
+    np.testing.assert_array_equal(results[0].sigma, results[1].sigma)
+
+
 def test_reference_stats_fingerprints(fake_extractor, tmp_path):
     with pytest.raises(ValueError, match="fingerprint="):
         reference_stats(lambda: [waves(3, 0)], "gen", 32, 3, tmp_path)
