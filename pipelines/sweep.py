@@ -266,7 +266,8 @@ class Sweep:
                 if self.state.is_main_process:
                     run.mkdir(parents=True, exist_ok=True)
                     (run / "error.txt").write_text(traceback.format_exc())
-                streak = streak + [failures[name]] if not streak or streak[-1] == failures[name] else [failures[name]]
+                error = failures[name].replace(name, "<run>")  # the same cause names each run's own folder
+                streak = streak + [error] if not streak or streak[-1] == error else [error]
                 if len(streak) == self.cfg.stop_after_failures:
                     stopped = (f"stopped after {len(streak)} runs in a row failed with the same error ({streak[0]}): "
                                f"fix it and rerun; the runs not yet started were left unstarted")

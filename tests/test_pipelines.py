@@ -602,13 +602,13 @@ def test_a_sweep_stops_when_runs_fail_in_a_row_with_the_same_error(tmp_path, mon
 
     def failing_tokenizer(self, run, q, k, seed):
         tried.append(q)
-        raise RuntimeError(errors[q])
+        raise RuntimeError(f"{errors[q]} in {run}")  # each message names its own run's folder
 
     monkeypatch.setattr(sweep_mod.Sweep, "tokenizer", failing_tokenizer)
     cfg = sweep_mod.SweepConfig(quantizers=list(errors), priors=[], stop_after_failures=2)
     result = sweep_mod.Sweep(cfg, tmp_path / "out").run()
     assert tried == ["vq", "ema", "simvq", "diveq"]  # vq/ema/simvq differ in a row; simvq + diveq: two alike, stop
-    assert list(result["failed"]) == tried and "RuntimeError: boom" in result["stopped"]
+    assert list(result["failed"]) == tried and "RuntimeError: boom in" in result["stopped"]
     assert not (tmp_path / "out" / "rotation").exists()  # never started, so nothing marks it failed
     assert "runs in a row failed" in (tmp_path / "out" / "report.md").read_text()
 
