@@ -245,7 +245,7 @@ class Sweep:
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
         failures, done = {}, {}  # done: run name -> the directory its report reads
-        streak, stopped = [], None  # streak: the errors of the latest runs, all failed in a row
+        last_error, repeats, stopped = None, 0, None  # repeats: runs in a row that failed with last_error
         start = time.time()
         index, count = self.shard
         for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
@@ -267,14 +267,14 @@ class Sweep:
                     run.mkdir(parents=True, exist_ok=True)
                     (run / "error.txt").write_text(traceback.format_exc())
                 error = failures[name].replace(name, "<run>")  # the same cause names each run's own folder
-                streak = streak + [error] if not streak or streak[-1] == error else [error]
-                if len(streak) == self.cfg.stop_after_failures:
-                    stopped = (f"stopped after {len(streak)} runs in a row failed with the same error ({streak[0]}): "
+                repeats, last_error = (repeats + 1 if error == last_error else 1), error
+                if repeats == self.cfg.stop_after_failures:
+                    stopped = (f"stopped after {repeats} runs in a row failed with the same error ({error}): "
                                f"fix it and rerun; the runs not yet started were left unstarted")
                     logger.error("sweep %s", stopped)
                     break
                 continue
-            streak = []
+            last_error, repeats = None, 0
             (run / "error.txt").unlink(missing_ok=True)
             if archived is not None and self.state.is_main_process:
                 archive_run(run, archived)
