@@ -2,7 +2,7 @@
 differences are significant.
 
 Every pair of variants gets the same two-sided test, then Holm's correction over all pairs of a prior:
-Welch's t-test on the per-seed gFIDs when every variant has at least two seeds, else (single runs) a z-test on
+Welch's t-test on the per-seed gFIDs when every variant has at least two seeds, else (some single runs) a z-test on
 the gFID difference with each run's bootstrap standard error (95% interval half-width / 1.96), which covers the
 estimator noise only. Variants sharing a letter are not significantly different (alpha 0.05, Holm-adjusted).
 """
@@ -70,7 +70,8 @@ def significance(entries: dict[str, dict]) -> tuple[dict[str, str], str]:
     pairs = list(itertools.combinations(ranked, 2))
     adjusted = holm([pair_pvalue(entries[a], entries[b], by_seeds) for a, b in pairs])
     significant = {frozenset(p): q < ALPHA for p, q in zip(pairs, adjusted)}
-    test = "Welch's t-test over seeds" if by_seeds else "z-test on the bootstrap standard errors (single runs)"
+    test = ("Welch's t-test over seeds" if by_seeds else
+            "z-test on the bootstrap standard errors, estimator noise only: not every variant has two seeds")
     return letters(ranked, significant), f"{test}, Holm-corrected over {len(pairs)} pairs, alpha {ALPHA}"
 
 
