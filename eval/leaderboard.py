@@ -2,9 +2,12 @@
 differences are significant.
 
 Every pair of variants gets the same two-sided test, then Holm's correction over all pairs of a prior:
-Welch's t-test on the per-seed gFIDs when every variant has at least two seeds, else (some single runs) a z-test on
-the gFID difference with each run's bootstrap standard error (95% interval half-width / 1.96), which covers the
-estimator noise only. Variants sharing a letter are not significantly different (alpha 0.05, Holm-adjusted).
+Welch's t-test on the per-seed gFIDs when every variant has at least two seeds; while some have one seed and others
+more, a t-test with the seed variance pooled over the variants that have two or more (one-way ANOVA's within-group
+mean square, which holds the estimator noise as well), so the single runs are judged by the spread seeds showed
+elsewhere; with no repeated seed at all, a z-test on the gFID difference with each run's bootstrap standard error
+(95% interval half-width / 1.96), which covers the estimator noise only. Variants sharing a letter are not
+significantly different (alpha 0.05, Holm-adjusted).
 """
 from __future__ import annotations
 
@@ -33,12 +36,27 @@ def _half_width(ci) -> float | None:
     return None if not ci else (ci[1] - ci[0]) / 2
 
 
-def pair_pvalue(a: dict, b: dict, by_seeds: bool) -> float:
-    """Two-sided p-value of ``a`` vs ``b`` (each ``{"values": [...], "half_widths": [...]}``)."""
-    if by_seeds:
+def pooled_seed_variance(entries: dict[str, dict]) -> tuple[float, int] | None:
+    """(seed variance pooled over the variants with two or more seeds, its degrees of freedom), or None."""
+    repeated = [e["values"] for e in entries.values() if len(e["values"]) >= 2]
+    dof = sum(len(v) - 1 for v in repeated)
+    if not dof:
+        return None
+    return sum((len(v) - 1) * statistics.variance(v) for v in repeated) / dof, dof
+
+
+def pair_pvalue(a: dict, b: dict, test: str, pooled: tuple[float, int] | None = None) -> float:
+    """Two-sided p-value of ``a`` vs ``b`` (each ``{"values": [...], "half_widths": [...]}``) by ``test``:
+    "welch", "pooled" (with ``pooled`` = (variance, dof)) or "bootstrap"."""
+    if test == "welch":
         return float(stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue)
+    diff = statistics.fmean(a["values"]) - statistics.fmean(b["values"])
+    if test == "pooled":
+        variance, dof = pooled
+        t = diff / math.sqrt(variance * (1 / len(a["values"]) + 1 / len(b["values"])))
+        return float(2 * stats.t.sf(abs(t), dof))
     se = [statistics.fmean(x["half_widths"]) / Z95 for x in (a, b)]
-    z = (statistics.fmean(a["values"]) - statistics.fmean(b["values"])) / math.hypot(*se)
+    z = diff / math.hypot(*se)
     return float(2 * stats.norm.sf(abs(z)))
 
 
@@ -63,16 +81,22 @@ def letters(ranked: list[str], significant: dict[frozenset, bool]) -> dict[str, 
 def significance(entries: dict[str, dict]) -> tuple[dict[str, str], str]:
     """({variant: letters}, the test used) for ``{variant: {"values", "half_widths"}}`` (lower is better)."""
     ranked = sorted(entries, key=lambda v: statistics.fmean(entries[v]["values"]))
-    by_seeds = all(len(e["values"]) >= 2 for e in entries.values())
-    usable = by_seeds or all(e["half_widths"] and None not in e["half_widths"] for e in entries.values())
+    pooled = pooled_seed_variance(entries)
+    if all(len(e["values"]) >= 2 for e in entries.values()):
+        test, label = "welch", "Welch's t-test over seeds"
+    elif pooled and pooled[0] > 0:
+        test = "pooled"
+        label = (f"t-test with the seed variance pooled over the variants with two or more seeds (std "
+                 f"{math.sqrt(pooled[0]):.2f}, {pooled[1]} dof): not every variant has two seeds")
+    else:
+        test, label = "bootstrap", "z-test on the bootstrap standard errors, estimator noise only: no repeated seeds"
+    usable = test != "bootstrap" or all(e["half_widths"] and None not in e["half_widths"] for e in entries.values())
     if len(ranked) < 2 or not usable:
         return {v: "" for v in ranked}, "none (too few runs or no intervals)"
     pairs = list(itertools.combinations(ranked, 2))
-    adjusted = holm([pair_pvalue(entries[a], entries[b], by_seeds) for a, b in pairs])
+    adjusted = holm([pair_pvalue(entries[a], entries[b], test, pooled) for a, b in pairs])
     significant = {frozenset(p): q < ALPHA for p, q in zip(pairs, adjusted)}
-    test = ("Welch's t-test over seeds" if by_seeds else
-            "z-test on the bootstrap standard errors, estimator noise only: not every variant has two seeds")
-    return letters(ranked, significant), f"{test}, Holm-corrected over {len(pairs)} pairs, alpha {ALPHA}"
+    return letters(ranked, significant), f"{label}, Holm-corrected over {len(pairs)} pairs, alpha {ALPHA}"
 
 
 def _cell(values: list[float], digits: int = 1) -> str:

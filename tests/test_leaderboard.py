@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from eval.leaderboard import holm, letters, significance
+from scipy import stats
+
+from eval.leaderboard import holm, letters, pair_pvalue, pooled_seed_variance, significance
 from eval.report import write_report
 
 from test_claims import fake_run
@@ -42,6 +44,33 @@ def test_significance_uses_welch_over_seeds_and_bootstrap_errors_for_single_runs
     marks, test = significance(single)
     assert "bootstrap" in test
     assert marks["good"] != marks["bad"] and "a" in marks["good"] and "a" in marks["noisy"]
+
+
+def test_pooled_seed_variance_is_the_within_group_mean_square_and_gives_students_t():
+    a, b = [10.0, 12.0, 11.0], [14.0, 15.5]
+    entries = {"a": {"values": a}, "b": {"values": b}, "single": {"values": [9.0]}}
+    variance, dof = pooled_seed_variance(entries)
+    assert dof == 3
+    assert variance == pytest.approx((sum((x - 11.0) ** 2 for x in a) + sum((x - 14.75) ** 2 for x in b)) / 3)
+    # with only two variants the pooled test is Student's equal-variance t-test
+    p = pair_pvalue({"values": a}, {"values": b}, "pooled", pooled_seed_variance({"a": {"values": a},
+                                                                                  "b": {"values": b}}))
+    assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=True).pvalue)
+    assert pooled_seed_variance({"x": {"values": [1.0]}, "y": {"values": [2.0]}}) is None
+
+
+def test_mixed_seeds_judge_single_runs_by_the_seed_spread_not_the_bootstrap_alone():
+    """A 3-point gap is far outside a bootstrap error of 0.5 but inside a seed spread of several points."""
+    entries = {"good": {"values": [10.0], "half_widths": [0.5]}, "next": {"values": [13.0], "half_widths": [0.5]},
+               "spread": {"values": [20.0, 24.0, 28.0], "half_widths": [1.0] * 3},
+               "bad": {"values": [100.0], "half_widths": [0.5]}}
+    marks, test = significance(entries)
+    assert "pooled" in test and "bootstrap" not in test
+    assert set(marks["good"]) & set(marks["next"])
+    assert not set(marks["good"]) & set(marks["bad"])
+    only_bootstrap = {k: v for k, v in entries.items() if k != "spread"}
+    marks, test = significance(only_bootstrap)
+    assert "bootstrap" in test and not set(marks["good"]) & set(marks["next"])
 
 
 def test_report_puts_a_leaderboard_with_kid_precision_recall_and_groups_on_top(tmp_path):
