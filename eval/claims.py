@@ -12,7 +12,7 @@ from pathlib import Path
 from scipy.stats import ttest_ind_from_stats
 
 from .rank_correlation import spearman_interval
-from .report import METRICS, PRIORS, group_key, groups, mean_std, read_run, summarise
+from .report import METRICS, PRIORS, group_key, groups, mean_std, plateau_state, read_run, summarise
 
 ALPHA = 0.05
 NEAR_FULL = 0.9  # "near-full codebook usage": at least 90% of the usage ceiling 1 - e^(-T/K) on the held-out set
@@ -95,8 +95,11 @@ class Claims:
         out = ["## Claim 1 (Beyond Stationarity): NS-VQ and TransVQ keep near-full usage at large K where vq "
                "collapses, and reach lower rFID than SimVQ", "",
                f"Near-full: mean usage >= {NEAR_FULL:.0%} of its ceiling 1 - e^(-T/K) (what uniform use of K codes "
-               f"reaches on the T held-out tokens; 100% where not recorded); collapse: < {COLLAPSED:.0%} of the codes.",
-               "", "| K | variant | usage | near-full? | rFID | rFID vs SimVQ |", "|---:|---|---:|---|---:|---|"]
+               f"reaches on the T held-out tokens; 100% where not recorded); collapse: < {COLLAPSED:.0%} of the codes. "
+               "Plateau: the usage over each epoch at the end of training (change per epoch over the last epochs); a "
+               "variant still rising would use more codes in a longer run.",
+               "", "| K | variant | usage | near-full? | plateau? | rFID | rFID vs SimVQ |",
+               "|---:|---|---:|---|---|---:|---|"]
         for k in self.sizes:
             for v in ("vq", "simvq", "ns-vq", "transvq"):
                 usage, ceiling = self.cell(v, k, "usage"), self.cell(v, k, "usage_ceiling")
@@ -104,7 +107,10 @@ class Claims:
                 state = "-" if usage is None else ("yes" if usage["mean"] >= NEAR_FULL * full else
                                                    "collapsed" if usage["mean"] < COLLAPSED else "no")
                 versus = "" if v == "simvq" else _verdict(compare(self.cell(v, k, "rfid"), self.cell("simvq", k, "rfid"), "rfid"))
-                out.append(f"| {k} | {v} | {_cell(usage, 1, percent=True)} | {state} | {_cell(self.cell(v, k, 'rfid'))} | {versus} |")
+                slope = self.cell(v, k, "usage_epoch_slope")
+                plateau = "-" if slope is None else f"{plateau_state(slope['mean'])} ({100 * slope['mean']:+.1f}/epoch)"
+                out.append(f"| {k} | {v} | {_cell(usage, 1, percent=True)} | {state} | {plateau} | "
+                           f"{_cell(self.cell(v, k, 'rfid'))} | {versus} |")
         return out + [""]
 
     def claim2(self) -> list[str]:

@@ -29,10 +29,29 @@ METRICS = [  # key in eval.json, column title, direction
     ("gpt_recall", "recall GPT", "higher"), ("ldm_recall", "recall LDM", "higher"),
     ("gpt_val_bits_per_token", "held-out bits/token GPT", "lower"),
     ("ldm_val_denoising_loss", "held-out denoising loss LDM", "lower"),
+    ("usage_epoch_slope", "usage change/epoch (last 3 epochs)", "none"),
 ]
 # per prior, from generation.json (the held-out metric each prior has)
 GENERATION = ("gfid", "kid", "precision", "recall", "val_bits_per_token", "val_denoising_loss")
 PRIORS = ("gpt", "ldm")
+PLATEAU_EPOCHS = 3  # usage has plateaued when its epoch count moved under PLATEAU_SLOPE per epoch over these
+PLATEAU_SLOPE = 0.01  # one point of the codebook per epoch
+
+
+def usage_epoch_slope(curves: list[dict]) -> float | None:
+    """Mean change per epoch of the codes used over each epoch, across the last ``PLATEAU_EPOCHS`` epochs: whether
+    a run's usage had settled when training stopped (None with fewer epochs logged)."""
+    points = [c["usage_epoch"] for c in curves if c.get("usage_epoch") is not None]
+    if len(points) < PLATEAU_EPOCHS:
+        return None
+    return (points[-1] - points[-PLATEAU_EPOCHS]) / (PLATEAU_EPOCHS - 1)
+
+
+def plateau_state(slope: float | None) -> str:
+    """"plateau", "rising" or "falling" for a usage slope (fraction of the codebook per epoch); "-" without one."""
+    if slope is None:
+        return "-"
+    return "plateau" if abs(slope) < PLATEAU_SLOPE else ("rising" if slope > 0 else "falling")
 
 
 def read_run(run: Path) -> dict:
@@ -47,6 +66,8 @@ def read_run(run: Path) -> dict:
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
     generation = json.loads((run / "generation.json").read_text()) if (run / "generation.json").exists() else {}
+    if usage_epoch_slope(curves) is not None:
+        evaluation["usage_epoch_slope"] = usage_epoch_slope(curves)
     for kind, result in generation.items():
         for key in GENERATION:
             if result.get(key) is not None:
@@ -112,11 +133,28 @@ def _fmt(cell: dict | None) -> str:
 
 def table(summary: dict) -> str:
     cols = [m for m in METRICS if any(m[0] in e for e in summary.values())]
-    head = "| quantizer | runs | " + " | ".join(f"{title} ({'↓' if d == 'lower' else '↑'})" for _, title, d in cols) + " |"
+    arrow = {"lower": " (↓)", "higher": " (↑)"}
+    head = "| quantizer | runs | " + " | ".join(f"{title}{arrow.get(d, '')}" for _, title, d in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for key, e in summary.items():
         lines.append(f"| {key} | {len(e['runs'])} | " + " | ".join(_fmt(e.get(k)) for k, _, _ in cols) + " |")
     return "\n".join(lines)
+
+
+def plateau_lines(summary: dict) -> list[str]:
+    """Markdown naming the variants whose codebook usage was still moving when training stopped."""
+    if not any("usage_epoch_slope" in e for e in summary.values()):
+        return []
+    moving = {k: e["usage_epoch_slope"] for k, e in summary.items()
+              if "usage_epoch_slope" in e and plateau_state(e["usage_epoch_slope"]["mean"]) != "plateau"}
+    head = (f"**Usage plateau** (codes used over each epoch, change per epoch over the last {PLATEAU_EPOCHS} epochs; "
+            f"a plateau moves less than {100 * PLATEAU_SLOPE:g} point of the codebook per epoch): ")
+    if not moving:
+        return [head + "every variant had plateaued when training stopped.", ""]
+    cells = [f"{k} {plateau_state(c['mean'])} ({100 * c['mean']:+.1f}" +
+             (f" ± {100 * c['std']:.1f}" if c["n"] > 1 else "") + " points/epoch)" for k, c in moving.items()]
+    return [head + "still moving when training stopped: " + "; ".join(cells) +
+            ". Their usage figures describe this run length, not a settled codebook.", ""]
 
 
 def _plot_curves(runs: list[dict], key: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> bool:
@@ -275,7 +313,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
     text = [f"# {title}", "", *(notes or []), *leaderboard(groups(runs, by_size), PRIORS),
             f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
-            table(summary) if runs else "(no finished runs)", ""]
+            table(summary) if runs else "(no finished runs)", "", *plateau_lines(summary)]
     if failures:
         text += ["## Failed", "", *(f"- **{name}**: {error}" for name, error in failures.items()), ""]
     text += [f"![{p}]({p})" for p in plots]

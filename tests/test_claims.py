@@ -13,7 +13,8 @@ from pipelines.cli import main
 
 
 def fake_run(root: Path, quantizer: str, k: int, seed: int, freeze_at: int | None = None, drift: float = 0.5,
-             replaced: int | None = None, gpt_gfid: float | None = None, **metrics) -> Path:
+             replaced: int | None = None, gpt_gfid: float | None = None, usage_epoch: list[float] | None = None,
+             **metrics) -> Path:
     """An archived run as the sweep leaves it: config, metrics curve, eval.json, generation.json."""
     name = f"{quantizer}{'-staged' if freeze_at else ''}-K{k}-s{seed}"
     run = root / name
@@ -27,6 +28,8 @@ def fake_run(root: Path, quantizer: str, k: int, seed: int, freeze_at: int | Non
         if replaced is not None:
             row["replaced_total"] = replaced * step // 390
         curve.append(row)
+    for epoch, used in enumerate(usage_epoch or []):  # logged at each epoch's end, as training does
+        curve.append({"step": 100 * (epoch + 1), "usage_epoch": used, "epoch": epoch})
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve))
     defaults = {"rfid": 100.0, "lpips_vgg": 0.1, "psnr": 20.0, "ssim": 0.8, "usage": 0.5}
     (run / "eval.json").write_text(json.dumps({**defaults, **metrics}))
@@ -120,6 +123,27 @@ def test_near_full_usage_is_judged_against_the_usage_ceiling(tmp_path):
     lines = Claims(runs).claim1()
     assert "| yes |" in next(line for line in lines if line.startswith("| 8192 | ns-vq |"))
     assert "| no |" in next(line for line in lines if line.startswith("| 8192 | transvq |"))
+
+
+def test_usage_plateau_is_the_epoch_usage_slope_over_the_last_epochs(tmp_path):
+    """A codebook still gaining 6 points an epoch is flagged in the report and in claim 1; a flat one is not."""
+    rising = [0.10, 0.20, 0.40, 0.46, 0.52, 0.58]
+    runs = [fake_run(tmp_path, "simvq", 8192, s, usage_epoch=[u + 0.01 * s for u in rising]) for s in (0, 1)]
+    runs += [fake_run(tmp_path, "ns-vq", 8192, s, usage_epoch=[0.1, 0.9, 0.98, 0.985, 0.98, 0.983]) for s in (0, 1)]
+    summary = write_report(runs, tmp_path / "out")
+    assert summary["simvq"]["usage_epoch_slope"]["mean"] == pytest.approx(0.06)  # (0.58 - 0.46) / 2 epochs
+    assert summary["ns-vq"]["usage_epoch_slope"]["mean"] == pytest.approx(-0.001)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "still moving when training stopped: simvq rising (+6.0 ± 0.0 points/epoch)" in text
+    assert "ns-vq rising" not in text and "ns-vq falling" not in text
+    lines = Claims(runs).claim1()
+    assert "| rising (+6.0/epoch) |" in next(line for line in lines if line.startswith("| 8192 | simvq |"))
+    assert "| plateau (-0.1/epoch) |" in next(line for line in lines if line.startswith("| 8192 | ns-vq |"))
+    flat = [fake_run(tmp_path / "flat", "vq", 512, 0, usage_epoch=[0.05] * 4)]
+    write_report(flat, tmp_path / "flat-out")
+    assert "every variant had plateaued" in (tmp_path / "flat-out" / "report.md").read_text()
+    write_report([fake_run(tmp_path / "none", "vq", 512, 0)], tmp_path / "none-out")
+    assert "Usage plateau" not in (tmp_path / "none-out" / "report.md").read_text()
 
 
 # --- does reconstruction predict generation? Spearman over variants with a two-level bootstrap interval -----------
