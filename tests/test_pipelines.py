@@ -510,6 +510,27 @@ def test_archived_run_names_always_carry_quantizer_k_and_seed():
 
 
 
+def test_the_study_presets_load_and_never_share_an_archive():
+    """Each study preset's runs go to an archive of its own: two presets writing the same names (their step counts
+    or K are not all in the names) into one archive would resume, or be reported as seeds of, each other's runs."""
+    from importlib.resources import files
+
+    from pipelines.sweep import load_sweep_config
+
+    names = sorted(p.name[:-5] for p in files("pipelines.presets.sweep").iterdir() if p.name.startswith("study"))
+    assert {"study", "study-usage", "study-nsvq2026", "study-plateau"} <= set(names)
+    archives = {}
+    for name in names:
+        cfg = load_sweep_config(name)
+        assert cfg.runs(), name
+        assert cfg.archive not in archives, f"{name} shares {cfg.archive} with {archives.get(cfg.archive)}"
+        archives[cfg.archive] = name
+    plateau, study = load_sweep_config("study-plateau"), load_sweep_config("study")
+    assert "train.max_steps=3750" in plateau.tokenizer and "train.max_steps=1875" in study.tokenizer
+    assert not Path(plateau.archive).is_relative_to("docs/study"), "the study's report globs docs/study/runs*"
+    assert plateau.priors == [] and plateau.quantizer_options == study.quantizer_options
+
+
 def test_a_sweep_without_priors_archives_and_reports_tokenizers_only(tmp_path, monkeypatch):
     """``priors: []`` (the usage study at large K): no prior is trained, and the archive and report need no gFID."""
     import yaml
