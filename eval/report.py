@@ -66,8 +66,8 @@ def read_run(run: Path) -> dict:
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
     generation = json.loads((run / "generation.json").read_text()) if (run / "generation.json").exists() else {}
-    if usage_epoch_slope(curves) is not None:
-        evaluation["usage_epoch_slope"] = usage_epoch_slope(curves)
+    if (slope := usage_epoch_slope(curves)) is not None:
+        evaluation["usage_epoch_slope"] = slope
     for kind, result in generation.items():
         for key in GENERATION:
             if result.get(key) is not None:
