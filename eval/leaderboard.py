@@ -89,7 +89,7 @@ def significance(entries: dict[str, dict]) -> tuple[dict[str, str], str]:
         label = (f"t-test with the seed variance pooled over the variants with two or more seeds (std "
                  f"{math.sqrt(pooled[0]):.2f}, {pooled[1]} dof): not every variant has two seeds")
     else:
-        test, label = "bootstrap", "z-test on the bootstrap standard errors, estimator noise only: no repeated seeds"
+        test, label = "bootstrap", "z-test on the bootstrap standard errors, estimator noise only: no seed spread measured"
     usable = test != "bootstrap" or all(e["half_widths"] and None not in e["half_widths"] for e in entries.values())
     if len(ranked) < 2 or not usable:
         return {v: "" for v in ranked}, "none (too few runs or no intervals)"

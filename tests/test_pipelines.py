@@ -507,9 +507,6 @@ def test_archived_run_names_always_carry_quantizer_k_and_seed():
     assert [name for name, *_ in staged] == ["ns-vq-freeze240-K512-s0"]  # never the plain ns-vq run's folder
 
 
-
-
-
 def test_the_study_presets_load_and_never_share_an_archive():
     """Each study preset's runs go to an archive of its own: two presets writing the same names (their step counts
     or K are not all in the names) into one archive would resume, or be reported as seeds of, each other's runs."""
