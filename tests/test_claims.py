@@ -75,10 +75,13 @@ def test_claims_tables_from_archived_runs(tmp_path):
         runs.append(fake_run(tmp_path, "sf-diveq", 512, seed, rfid=180 + jitter, usage=0.8))
         runs.append(fake_run(tmp_path, "ns-vq", 512, seed, freeze_at=240, rfid=140 + jitter))
     runs.append(fake_run(tmp_path, "ema", 512, 0, rfid=150.0))
+    runs.append(fake_run(tmp_path, "vq", 8192, 0, usage=0.01, rfid=200.0))  # no DiVeQ variant at this K
     claims = Claims(runs)
     text = claims.markdown()
-    assert "22 run(s), seeds [0, 1, 2]" in text
+    assert "23 run(s), seeds [0, 1, 2]" in text
     lines = text.splitlines()
+    assert not any(line.startswith("| 8192 | rFID |") for line in lines)  # claim 2 has no row without a variant run
+    assert any(line.startswith("| 8192 | vq |") for line in lines)  # claim 1 keeps its planned rows
     row = next(line for line in lines if line.startswith("| 512 | transvq |"))
     assert "yes" in row and "✓" in row  # near-full usage; rFID significantly below SimVQ's
     assert "collapsed" in next(line for line in lines if line.startswith("| 512 | vq |"))
