@@ -61,21 +61,20 @@ def pair_pvalue(a: dict, b: dict, test: str, pooled: tuple[float, int] | None = 
 
 
 def letters(ranked: list[str], significant: dict[frozenset, bool]) -> dict[str, str]:
-    """Compact letter display over variants sorted best first: each letter marks a maximal run of consecutive
-    variants that are pairwise not significantly different."""
-    runs = []
-    for i in range(len(ranked)):
-        for j in range(len(ranked) - 1, i - 1, -1):
-            block = ranked[i:j + 1]
-            if all(not significant[frozenset(p)] for p in itertools.combinations(block, 2)):
-                if not runs or j > runs[-1][1]:
-                    runs.append((i, j))
-                break
-    out = {v: "" for v in ranked}
-    for n, (i, j) in enumerate(runs):
-        for v in ranked[i:j + 1]:
-            out[v] += chr(ord("a") + n) if n < 26 else "*"
-    return out
+    """Compact letter display (Piepho 2004, insert and absorb) over variants sorted best first: two variants share
+    a letter exactly when they are not significantly different, for any pattern of significance (Welch's unequal
+    variances can make a wide-spread variant ranked lower indistinguishable from one that a tight one above it is
+    not); letter ``a`` holds the best variant."""
+    columns = [frozenset(ranked)]
+    for pair, differs in significant.items():
+        if not differs:
+            continue
+        i, j = tuple(pair)
+        split = [c for col in columns for c in ((col - {i}, col - {j}) if pair <= col else (col,))]
+        columns = [c for c in dict.fromkeys(split) if c and not any(c < other for other in split)]
+    rank = {v: n for n, v in enumerate(ranked)}
+    columns.sort(key=lambda c: sorted(rank[v] for v in c))
+    return {v: "".join(chr(ord("a") + n) if n < 26 else "*" for n, c in enumerate(columns) if v in c) for v in ranked}
 
 
 def significance(entries: dict[str, dict]) -> tuple[dict[str, str], str]:

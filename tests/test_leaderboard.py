@@ -1,4 +1,5 @@
 """The leaderboard's statistics: Holm's correction, the letter groups, and the table the report puts on top."""
+import itertools
 import json
 
 import pytest
@@ -30,6 +31,20 @@ def test_letters_mark_runs_of_variants_not_significantly_different():
     sig.update({frozenset(("a", "c")): True, frozenset(("a", "d")): True, frozenset(("b", "d")): True})
     assert letters(ranked, sig) == {"a": "a", "b": "ab", "c": "bc", "d": "c"}
     assert letters(["x", "y"], {frozenset(("x", "y")): False}) == {"x": "a", "y": "a"}
+
+
+def test_letters_hold_for_significance_that_is_not_monotone_in_rank():
+    """A tight variant differs from the best; a wide one ranked below it does not, so it must share the best's letter
+    (a display by consecutive runs gave it the tight one's letter only, claiming a difference the test did not find)."""
+    ranked = ["best", "tight", "wide", "worst"]
+    sig = {frozenset(p): False for p in itertools.combinations(ranked, 2)}
+    sig.update({frozenset(("best", "tight")): True, frozenset(("best", "worst")): True,
+                frozenset(("tight", "worst")): True})
+    got = letters(ranked, sig)
+    assert got == {"best": "a", "tight": "b", "wide": "abc", "worst": "c"}
+    for pair, differs in sig.items():  # the display's promise, pair by pair
+        u, v = tuple(pair)
+        assert bool(set(got[u]) & set(got[v])) is not differs, (u, v)
 
 
 def test_significance_uses_welch_over_seeds_and_bootstrap_errors_for_single_runs():
