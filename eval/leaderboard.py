@@ -62,9 +62,9 @@ def pair_pvalue(a: dict, b: dict, test: str, pooled: tuple[float, int] | None = 
 
 def letters(ranked: list[str], significant: dict[frozenset, bool]) -> dict[str, str]:
     """Compact letter display (Piepho 2004, insert and absorb) over variants sorted best first: two variants share
-    a letter exactly when they are not significantly different, for any pattern of significance (Welch's unequal
-    variances can make a wide-spread variant ranked lower indistinguishable from one that a tight one above it is
-    not); letter ``a`` holds the best variant."""
+    a letter exactly when they are not significantly different, for any pattern of significance (with Welch's
+    unequal variances a wide-spread variant can be indistinguishable from the best while a tighter one ranked above
+    it differs); letter ``a`` holds the best variant."""
     columns = [frozenset(ranked)]
     for pair, differs in significant.items():
         if not differs:
