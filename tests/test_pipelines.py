@@ -528,6 +528,21 @@ def test_the_study_presets_load_and_never_share_an_archive():
     assert plateau.priors == [] and plateau.quantizer_options == study.quantizer_options
 
 
+def test_demo_converged_is_the_demo_trained_longer():
+    """``demo-converged`` differs from ``demo`` only in the tokenizer's and the GPT's step counts, so its gFID is
+    comparable with the demo's: same quantizers, data, LDM, sampling and image counts."""
+    from dataclasses import asdict
+
+    from pipelines.sweep import load_sweep_config
+
+    demo, long = asdict(load_sweep_config("demo")), asdict(load_sweep_config("demo-converged"))
+    assert {k for k in demo if demo[k] != long[k]} == {"tokenizer", "gpt"}
+    assert long["tokenizer"] == ["train.max_steps=3000"]  # the mnist preset's 1,500 doubled
+    assert [o for o in long["gpt"] if not o.startswith("train.max_steps")] == \
+        [o for o in demo["gpt"] if not o.startswith("train.max_steps")]
+    assert "train.max_steps=2400" in long["gpt"] and "train.max_steps=1200" in demo["gpt"]
+
+
 def test_a_sweep_without_priors_archives_and_reports_tokenizers_only(tmp_path, monkeypatch):
     """``priors: []`` (the usage study at large K): no prior is trained, and the archive and report need no gFID."""
     import yaml
