@@ -72,6 +72,17 @@ def test_prdc_shows_a_collapsed_generator_as_low_recall():
         prdc_metrics(gaussian(6, d=2), ref)
 
 
+def test_prdc_compares_equal_set_sizes_whatever_the_reference_count():
+    gen, ref = gaussian(120, d=2, scale=1.2, seed=14), gaussian(600, d=2, seed=15)
+    got = prdc_metrics(gen, ref)
+    precision, recall = knn_precision_recall(ref.array[:120], gen.array, 5)
+    assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
+    assert got == prdc_metrics(Features(gen.array), Features(ref.array[:120]))
+    assert prdc_metrics(ref, gen) == prdc_metrics(Features(ref.array[:120]), gen)  # a larger generated set too
+    whole = knn_precision_recall(ref.array, gen.array, 5)[0]
+    assert whole != pytest.approx(precision)  # the whole reference would have given another precision
+
+
 def test_sample_quality_collects_every_metric():
     out = sample_quality(gaussian(150, seed=11), gaussian(150, seed=12), num_boot=10)
     assert set(out) == {"fid", "fid_ci", "kid", "kid_std", "precision", "recall", "density", "coverage", "num_boot"}
