@@ -20,7 +20,7 @@ import torch
 
 from eval.fid import Features, extract_features
 from eval.sample_quality import sample_quality
-from pipelines.sample import DEFAULT_STATS_DIR, dataset_features
+from pipelines.sample import DEFAULT_STATS_DIR, dataset_features, dataset_images
 from stage1_tokenizer.data import build_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,12 +47,7 @@ def main():
     ref = dataset_features(args.data, args.resolution, args.channels, refs[-1], args.stats_dir)
     end = args.offset + args.num_images
     ds = build_dataset(args.data, args.resolution, args.channels, "train", end)
-
-    def images():
-        for s in range(args.offset, end, 64):
-            yield torch.stack([(ds[i][0] + 1) / 2 for i in range(s, min(s + 64, end))])
-
-    gen = extract_features(images, num_images=args.num_images)
+    gen = extract_features(dataset_images(ds, args.offset, end), num_images=args.num_images)
     rows = {n: sample_quality(gen, Features(ref.array[:n])) for n in refs}
     meta["runtime_s"] = round(time.time() - start, 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -79,22 +79,27 @@ def write_samples(pipe, sidecar: dict, num_images: int, output_dir: str | Path, 
     return out
 
 
+def dataset_images(dataset, start: int, stop: int, batch_size: int = 64):
+    """Images ``start`` to ``stop - 1`` of a tokenizer dataset as a source of [0, 1] batches for ``extract_features``."""
+    def images():
+        for first in range(start, stop, batch_size):
+            yield torch.stack([(dataset[i][0] + 1) / 2 for i in range(first, min(first + batch_size, stop))])
+
+    return images
+
+
 def dataset_features(source: str, resolution: int, channels: int, num_images: int,
                      stats_dir: str | Path = DEFAULT_STATS_DIR) -> Features:
     """Cached Inception features of the first ``num_images`` training images as the tokenizer sees them."""
     dataset = build_dataset(source, resolution, channels, "train", num_images)
     if len(dataset) < num_images:
         raise ValueError(f"{source} has {len(dataset)} training images, {num_images} requested")
-
-    def images():
-        for start in range(0, num_images, 64):
-            yield torch.stack([(dataset[i][0] + 1) / 2 for i in range(start, min(start + 64, num_images))])
-
     path = Path(source)
     content = source_fingerprint(str(path), num_images) if path.is_dir() else source
     fingerprint = f"{content}|train|{resolution}px|{channels}ch"
     name = hashlib.sha256(source.encode()).hexdigest()[:10] + "-" + (path.name or "data")
-    return reference_features(images, name, resolution, num_images, stats_dir, fingerprint=fingerprint)
+    return reference_features(dataset_images(dataset, 0, num_images), name, resolution, num_images, stats_dir,
+                              fingerprint=fingerprint)
 
 
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
