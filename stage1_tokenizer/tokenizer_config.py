@@ -79,6 +79,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 | auto (bf16 where it runs natively, else no)
     compile: bool = False  # torch.compile the training forward (quantizers stay eager: data-dependent control flow)
     warmup_steps: int = 0
+    # lr linearly to 0 over the run's last steps (warmup-stable-decay, Hagele et al. 2024): the final weights are an
+    # annealed point instead of one noisy Adam step; 0: no cool-down (the papers' constant or exponential lr)
+    cooldown_steps: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -90,6 +93,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.cooldown_steps < 0:
+            raise ValueError(f"train.cooldown_steps must be >= 0 (0: no cool-down), got {self.cooldown_steps}")
 
 
 @dataclass

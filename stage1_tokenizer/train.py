@@ -104,10 +104,13 @@ class TokenizerTrainer(TrainLoop):
         self.state.extra["usage_epoch"] = logs["usage_epoch"] = float(hits.float().mean())
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then ``schedule.lr_decay_per_epoch`` to the power of the epoch (ExponentialLR per epoch)."""
+        """Linear warm-up, then ``schedule.lr_decay_per_epoch`` to the power of the epoch (ExponentialLR per epoch),
+        times a linear cool-down to 0 over the last ``train.cooldown_steps`` (the whole run when shorter: smoke caps)."""
         t, gamma = self.cfg.train, self.cfg.schedule.lr_decay_per_epoch
         epoch = step // getattr(self, "steps_per_epoch", step + 1)  # set once the loader is known; 0 before
-        return min(1.0, (step + 1) / max(1, t.warmup_steps)) * gamma ** epoch
+        total = getattr(self, "total_steps", step + t.cooldown_steps)  # known with the loader, as above
+        cooldown = min(1.0, (total - step) / min(t.cooldown_steps, total)) if t.cooldown_steps else 1.0
+        return min(1.0, (step + 1) / max(1, t.warmup_steps)) * gamma ** epoch * cooldown
 
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
