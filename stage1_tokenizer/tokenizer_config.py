@@ -47,12 +47,19 @@ class ScheduleConfig:
     tau0: float = 1.0  # NS-VQ bandwidth at epoch 0, decayed per epoch by the quantizer's tau_decay
     tau_per_step: bool = False  # decay continuously per step instead of per epoch
     lr_decay_per_epoch: float = 1.0  # ExponentialLR: lr times this once per epoch (Beyond Stationarity: 0.995)
+    # lr linearly to 0 over the run's last steps (warmup-stable-decay, Hagele et al. 2024): the final weights are an
+    # annealed point instead of one noisy Adam step; 0: no cool-down (the papers' constant or exponential lr)
+    cooldown_steps: int = 0
     gumbel_epochs: int | None = None  # temperature anneal length; None: the whole run
     replacement_phases: list[list[int]] = field(default_factory=list)  # [[until_step, every], ...]; negative until: from the end
     freeze_encoder_at: int | None = None  # NSVQ 2026 stage 2: encoder + quant_conv frozen from this step
     unfreeze_encoder_at: int | None = None
     probe_size: int = 16  # images in the fixed drift probe batch
     drift_every: int = 10
+
+    def __post_init__(self):
+        if self.cooldown_steps < 0:
+            raise ValueError(f"schedule.cooldown_steps must be >= 0 (0: no cool-down), got {self.cooldown_steps}")
 
 
 @dataclass
@@ -79,9 +86,6 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 | auto (bf16 where it runs natively, else no)
     compile: bool = False  # torch.compile the training forward (quantizers stay eager: data-dependent control flow)
     warmup_steps: int = 0
-    # lr linearly to 0 over the run's last steps (warmup-stable-decay, Hagele et al. 2024): the final weights are an
-    # annealed point instead of one noisy Adam step; 0: no cool-down (the papers' constant or exponential lr)
-    cooldown_steps: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -93,8 +97,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
-        if self.cooldown_steps < 0:
-            raise ValueError(f"train.cooldown_steps must be >= 0 (0: no cool-down), got {self.cooldown_steps}")
 
 
 @dataclass

@@ -105,12 +105,15 @@ class TokenizerTrainer(TrainLoop):
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then ``schedule.lr_decay_per_epoch`` to the power of the epoch (ExponentialLR per epoch),
-        times a linear cool-down to 0 over the last ``train.cooldown_steps`` (the whole run when shorter: smoke caps)."""
-        t, gamma = self.cfg.train, self.cfg.schedule.lr_decay_per_epoch
+        times a linear cool-down to 0 over the last ``schedule.cooldown_steps`` (the whole run when shorter: smoke
+        caps)."""
+        t, sched = self.cfg.train, self.cfg.schedule
         epoch = step // getattr(self, "steps_per_epoch", step + 1)  # set once the loader is known; 0 before
-        total = getattr(self, "total_steps", step + t.cooldown_steps)  # known with the loader, as above
-        cooldown = min(1.0, (total - step) / min(t.cooldown_steps, total)) if t.cooldown_steps else 1.0
-        return min(1.0, (step + 1) / max(1, t.warmup_steps)) * gamma ** epoch * cooldown
+        total = getattr(self, "total_steps", None)  # likewise; before it, only step 0, which never cools
+        cooldown = 1.0
+        if sched.cooldown_steps and total:
+            cooldown = min(1.0, (total - step) / min(sched.cooldown_steps, total))
+        return min(1.0, (step + 1) / max(1, t.warmup_steps)) * sched.lr_decay_per_epoch ** epoch * cooldown
 
     # --- one optimisation step -------------------------------------------------------------
     def _losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:

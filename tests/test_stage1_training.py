@@ -269,17 +269,17 @@ def test_released_recipe_options_crops_exponential_lr_and_l1(tmp_path):
 
 
 def test_cooldown_anneals_the_lr_linearly_to_zero_over_the_last_steps(tmp_path):
-    """``train.cooldown_steps``: the lr of step s is lr * (total - s) / cooldown over the last steps (the whole run
+    """``schedule.cooldown_steps``: the lr of step s is lr * (total - s) / cooldown over the last steps (the whole run
     when it is shorter than the cool-down, as under a smoke cap), constant before; a negative one is refused."""
     lr = 2e-3  # SMALL's train.lr
     for cooldown, name in ((4, "a"), (50, "b")):
         cfg = small_config("train.max_steps=10", "data.num_images=32", "train.batch_size=8", "train.log_every=1",
-                           "train.checkpoint_every=1000", f"train.cooldown_steps={cooldown}")
+                           "train.checkpoint_every=1000", f"schedule.cooldown_steps={cooldown}")
         train_tokenizer(cfg, tmp_path / name)
         logged = [r["lr"] for r in MetricsLog(tmp_path / name / "metrics.jsonl").read()]
         assert logged == pytest.approx([lr * min(1.0, (10 - s) / min(cooldown, 10)) for s in range(1, 11)])
     with pytest.raises(ValueError, match="cooldown_steps"):
-        small_config("train.cooldown_steps=-1")
+        small_config("schedule.cooldown_steps=-1")
 
 
 def test_lpips_images_scores_only_the_first_n_images_of_each_batch(tmp_path):
