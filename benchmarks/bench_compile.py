@@ -27,8 +27,7 @@ QUIET = ["train.log_every=100000", "train.sample_every=100000", "train.checkpoin
 
 def worker(cfg):
     sys.path.insert(0, ROOT)
-    from stage1_tokenizer.config import load_config
-    from stage1_tokenizer.tokenizer_config import TokenizerConfig
+    from stage1_tokenizer.config import load_tokenizer_config
     from stage1_tokenizer.train import TokenizerTrainer
     from stage2_prior.config import load_prior_config
     from stage2_prior.train import TRAINERS
@@ -36,7 +35,7 @@ def worker(cfg):
     extra = [f"train.compile={str(cfg['compile']).lower()}", f"train.mixed_precision='{cfg['precision']}'", *QUIET]
     out = os.path.join(cfg["tmp"], f"{cfg['stage']}-{cfg['compile']}-{cfg['precision']}")
     if cfg["stage"] == "tokenizer":
-        trainer = TokenizerTrainer(load_config(TokenizerConfig, "mnist", ["quantizer.name=vq", "data.num_images=2048",
+        trainer = TokenizerTrainer(load_tokenizer_config("mnist", ["quantizer.name=vq", "data.num_images=2048",
                                                                           *extra]), out)
     else:
         prior = load_prior_config(cfg["stage"], "tiny", [f"tokenizer={cfg['tokenizer']}", "train.val_fraction=0",
@@ -81,10 +80,9 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tok = os.path.join(tmp, "tok")
-        from stage1_tokenizer.config import load_config
-        from stage1_tokenizer.tokenizer_config import TokenizerConfig
+        from stage1_tokenizer.config import load_tokenizer_config
         from stage1_tokenizer.train import train_tokenizer
-        train_tokenizer(load_config(TokenizerConfig, "mnist", ["quantizer.name=vq", "data.num_images=2048",
+        train_tokenizer(load_tokenizer_config("mnist", ["quantizer.name=vq", "data.num_images=2048",
                                                                "train.max_steps=2"]), tok)
         for stage in args.stages.split(","):
             for precision in ("no", "bf16"):
@@ -107,7 +105,7 @@ def main():
             r["speedup"] = eager["median_s"] / r["median_s"]
         if r["precision"] == "bf16" and fp32 and "median_s" in r:
             r["bf16_vs_fp32"] = r["median_s"] / fp32["median_s"]
-    from stage1_tokenizer.runtime import native_bf16
+    from common.runtime import native_bf16
 
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(),

@@ -6,7 +6,7 @@ Three loops over the same folder of procedural 64x64 PNGs, alternated ``--repeat
 at this process's thread count and one batch size:
   eval.fid    ``extract_features(folder)``: the decoded (B, H, W, 3) batch goes in as a channels-last view, at the
               device's default batch (8 on a CPU);
-  NCHW        the same loop with the batch made contiguous NCHW first, at batch 64: eval.fid before issue 18;
+  NCHW        the same loop with the batch made contiguous NCHW first, at batch 64: eval.fid's earlier loop;
   clean-fid   ``cleanfid.fid.get_folder_features`` with the same network as its custom extractor, mode "clean",
               at eval.fid's batch.
 The ratio of the best pass of each loop is the speed-up. Same numbers: FID between this folder and a second

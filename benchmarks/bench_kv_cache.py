@@ -27,7 +27,8 @@ import time
 import torch
 
 from stage2_prior.config import GPTConfig
-from stage2_prior.gpt import build_gpt, sample_sequences, start_tokens
+from stage2_prior.gpt import build_gpt
+from stage2_prior.vqgpt_pipeline import sample_sequences, start_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

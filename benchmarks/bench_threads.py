@@ -28,14 +28,13 @@ def worker(cfg):
     import torch
 
     sys.path.insert(0, ROOT)
-    from stage1_tokenizer.config import load_config
+    from stage1_tokenizer.config import load_tokenizer_config
     from stage1_tokenizer.model import VQTokenizer
-    from stage1_tokenizer.tokenizer_config import TokenizerConfig
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
-    tc = load_config(TokenizerConfig, "tiny", ["quantizer.name=vq"])
+    tc = load_tokenizer_config("tiny", ["quantizer.name=vq"])
     model = VQTokenizer.from_configs(tc.model, tc.quantizer).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.rand(32, tc.model.in_channels, tc.model.resolution, tc.model.resolution) * 2 - 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 18, one short script (well under 10 minutes on one GPU):
+# The GPU check, one short script (well under 10 minutes on one GPU):
 #   1. the quantizer benchmark (fwd+bwd, matmul limit, memory) on the device;
 #   2. a 200-step `tiny` sweep of two quantizers (vq, diveq) in bf16, with its per-stage timings;
 #   3. the no-host-sync tests (on CUDA: torch.cuda.set_sync_debug_mode("error") inside training steps);
@@ -44,10 +44,10 @@ step() {  # step NAME COMMAND...: run it, keep its log, record its status and ti
 }
 
 step quantizers "$PY" benchmarks/bench_quantizers.py --device "$DEVICE" "${QUANT[@]}" --out "$OUT-quantizers"
-step sweep "$PY" -m pipelines.cli sweep --output-dir "$WORK/sweep" --quantizers vq,diveq --max-steps "$STEPS" \
+step sweep "$PY" -m study.cli sweep --output-dir "$WORK/sweep" --quantizers vq,diveq --max-steps "$STEPS" \
   eval_images=$IMAGES gfid_images=$IMAGES ref_images=$IMAGES \
   'gpt=["train.mixed_precision=bf16"]' 'ldm=["train.mixed_precision=bf16"]'
-step sync_tests "$PY" -m pytest -q tests/test_runtime.py -k "syncs or synchronise or reads_nothing"
+step sync_tests "$PY" -m pytest -q tests/common/test_runtime.py -k "syncs or synchronise or reads_nothing"
 step sampling "$PY" benchmarks/bench_kv_cache.py --device "$DEVICE" --batch 64 --lengths "${LENGTHS[@]}" --out "$OUT-sampling"
 
 {

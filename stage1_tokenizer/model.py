@@ -11,11 +11,11 @@ from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .config import ModelConfig, QuantizerConfig
 from .lookup_tokenizer import uncentre
 from .quantizers import QuantizerOutput, ResidualVQ, build_quantizer
 from .quantizers.search import nearest_code
 from .schedules import base_quantizers
-from .tokenizer_config import ModelConfig, QuantizerConfig
 
 
 class VQTokenizer(ModelMixin, ConfigMixin):

@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from eval.codebook import code_counts
+from common.config_loader import from_dict
+from common.loop import TrainLoop
 
-from .config import from_dict
+from .config import TokenizerConfig
 from .data import build_dataset, skipped_files
-from .loop import TrainLoop
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .model import VQTokenizer
 from .plots import plot_drift, plot_kernel_regime, plot_usage, save_recon_grid
 from .quantizers import Quantizer
+from .quantizers.stats import code_counts
 from .schedules import apply_schedules, encoder_frozen
-from .tokenizer_config import TokenizerConfig
 
 
 def lpips_loss_fn(device, net: str = "vgg"):

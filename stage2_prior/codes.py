@@ -3,7 +3,7 @@
 ``RUN_DIR/codes/train.safetensors`` holds ``indices`` (N, h, w) or (N, L, h, w) for rvq, the quantised
 ``latents`` (N, D, h, w) the LDM models, and ``labels`` (N,), with the tokenizer's hash in its metadata:
 a retrained or edited tokenizer no longer matches and the cache is rebuilt. Encoding also stores
-``scaling_factor = 1 / std(latents)`` in the tokenizer's config (METHODS, Stage 2 recipes).
+``scaling_factor = 1 / std(latents)`` in the tokenizer's config (docs/methods.md, Stage-2 recipes).
 """
 from __future__ import annotations
 

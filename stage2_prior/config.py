@@ -4,10 +4,10 @@ Presets live in ``stage2_prior/presets/gpt/`` and ``presets/ldm/``; ``load_prior
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from stage1_tokenizer.config import load_config, presets
-from stage1_tokenizer.tokenizer_config import TrainConfig
+from common.config_loader import load_config, presets
+from common.loop import LoopConfig
 
 KINDS = ("gpt", "ldm")
 
@@ -45,7 +45,7 @@ class LDMConfig:
     num_inference_steps: int = 50  # DDIM steps for samples
     eta: float = 0.0
     prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (LDM) | v_prediction (Salimans & Ho 2022)
-    center_latents: bool = False  # subtract the cache's per-channel mean before 1/std (METHODS: scale only)
+    center_latents: bool = False  # subtract the cache's per-channel mean before 1/std (docs/methods.md: scale only)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -64,7 +64,7 @@ class SampleConfig:
 
 
 @dataclass
-class PriorTrainConfig(TrainConfig):
+class PriorTrainConfig(LoopConfig):
     """AdamW (0.9, 0.95), weight decay 0.01, lr 4.5e-5, 10k warm-up steps then cosine to 1% (DiVeQ Sec. A.2)."""
 
     batch_size: int = 32
@@ -109,7 +109,7 @@ def load_prior_config(kind: str, preset: str, overrides: list[str] | None = None
     """``stage2_prior/presets/<kind>/<preset>.yaml`` (or a YAML path) + ``key=value`` overrides."""
     if kind not in KINDS:
         raise ValueError(f"unknown prior kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return load_config(PriorConfig, preset, [f"kind={kind}", *(overrides or [])], presets(__package__, kind))
+    return replace(load_config(PriorConfig, preset, overrides, presets(__package__, kind)), kind=kind)
 
 
 def default_top_k(num_codes: int) -> int:

@@ -14,13 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .config import GPTConfig
-from .vqgpt_pipeline import (  # noqa: F401  (re-exported: sampling lives beside the pipeline)
-    codes_to_sequence,
-    generation_config,
-    sample_sequences,
-    sequence_to_codes,
-    start_tokens,
-)
+from .vqgpt_pipeline import start_tokens
 
 
 def build_gpt(cfg: GPTConfig, num_codes: int, seq_len: int, num_classes: int = 0) -> GPT2LMHeadModel:

@@ -2,7 +2,7 @@
 
     vqgen train-prior --tokenizer runs/t --kind gpt --preset tiny --output-dir runs/t-gpt
 
-Both run on stage 1's :class:`~stage1_tokenizer.loop.TrainLoop` (resume, progress, metrics, checkpoints).
+Both run on stage 1's :class:`~common.loop.TrainLoop` (resume, progress, metrics, checkpoints).
 """
 from __future__ import annotations
 
@@ -22,23 +22,15 @@ from torchvision.utils import save_image
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
 
-from stage1_tokenizer.loop import TrainLoop
-from stage1_tokenizer.plots import plot_validation
+from common.loop import TrainLoop
+from common.plots import plot_validation
 from stage1_tokenizer.train import load_run
 
 from .codes import load_codes
 from .config import PriorConfig, default_top_k
-from .gpt import (
-    build_gpt,
-    codes_to_sequence,
-    generation_config,
-    p_keep_at,
-    sample_sequences,
-    sequence_to_codes,
-    start_tokens,
-    training_pair,
-)
+from .gpt import build_gpt, p_keep_at, training_pair
 from .ldm import build_noise_scheduler, build_unet, diffusion_loss, sampling_scheduler
+from .vqgpt_pipeline import codes_to_sequence, generation_config, sample_sequences, sequence_to_codes, start_tokens
 
 
 def decayed_parameters(model: torch.nn.Module) -> set[int]:
@@ -50,7 +42,7 @@ def decayed_parameters(model: torch.nn.Module) -> set[int]:
 
 
 def adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weights of linear layers only (METHODS rev 2, as released)."""
+    """AdamW with weight decay on the weights of linear layers only (as released; docs/fidelity.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = decayed_parameters(model)
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import project_packages
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = project_packages()
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def installed(tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy, so the build leaves nothing (build/, egg-info) in the checkout
-    for package in ("stage1_tokenizer", "stage2_prior", "pipelines", "eval"):
+    for package in PACKAGES:
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
@@ -49,9 +52,9 @@ def _run(installed, *args, timeout=300):
 def test_the_wheel_ships_every_preset_and_imports_from_itself(installed):
     cmd, env, target, work = installed
     probe = subprocess.run([sys.executable, "-S", "-c",
-                            "import pipelines, stage1_tokenizer.config as c, stage2_prior.config as p;"
-                            "from pipelines.sweep import load_sweep_config;"
-                            "print(pipelines.__file__); print(c.preset_names());"
+                            "import pipelines, common.config_loader as c, stage2_prior.config as p;"
+                            "from study.sweep import load_sweep_config;"
+                            "print(pipelines.__file__); print(c.preset_names(c.presets('stage1_tokenizer', 'tokenizer')));"
                             "print(c.preset_names(c.presets('stage2_prior', 'gpt')));"
                             "print(load_sweep_config('study').quantizers[:2])"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=120)

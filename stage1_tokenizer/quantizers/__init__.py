@@ -55,7 +55,7 @@ def valid_options(cls: type) -> list[str]:
     return names
 
 
-RENAMED_OPTIONS = {  # METHODS rev 2: old option -> what replaced it
+RENAMED_OPTIONS = {  # renamed when the defaults moved to the released code (docs/fidelity.md): old -> new
     "sigma2": "noise_std, the noise's standard deviation (default 1e-3, as the authors' code); the old sigma2=v "
               "was read as a variance, so it is noise_std=sqrt(v)",
     "hard_inference": "inference='hard' (SF-DiVeQ's inference is 'local' by default; 'global' and 'hard' are options)",

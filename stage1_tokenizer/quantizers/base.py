@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.codebook import code_counts, step_stats
-
 from .maintenance import CodebookMaintenance
 from .search import DEFAULT_MAX_ELEMENTS, nearest_code
+from .stats import code_counts, step_stats
 
 
 @dataclass

@@ -22,7 +22,7 @@ class DiVeQ(Quantizer):
     """``z_q = z + ||c - z|| sg(v_d/||v_d||)``, ``v ~ N(0, noise_std^2 I)`` (Eq. 8); no aux loss; ``C ~ U(0, 1/K)``.
 
     ``noise_std`` is a standard deviation: the paper's "sigma^2 = 1e-3" is the number its code passes to
-    ``Normal(0, .)`` as the std (METHODS rev 2).
+    ``Normal(0, .)`` as the std (docs/fidelity.md).
     """
 
     default_replacement = "importance"

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from eval.codebook import code_counts
-
 from .base import Quantizer, straight_through
 from .distributed import all_reduce_sum
+from .stats import code_counts
 
 
 @torch.no_grad()

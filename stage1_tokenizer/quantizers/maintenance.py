@@ -1,6 +1,6 @@
 """Codebook maintenance shared by every variant: k-means init and dead-code replacement.
 
-Policies (METHODS "Codebook maintenance"): ``importance`` (DiVeQ Sec. B.1), ``random-used``
+Policies (docs/methods.md, "Codebook maintenance"): ``importance`` (DiVeQ Sec. B.1), ``random-used``
 (NSVQ 2022), ``reservoir`` (Beyond Stationarity code / NSVQ 2026). Usage counters are
 all-reduced, so every rank decides the same dead set; the new codes are drawn on every rank and
 rank 0's quantizer state is then broadcast, so replicas hold one codebook bit for bit.
@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eval.codebook import code_counts
-
 from .distributed import all_gather_rows, all_reduce_sum, broadcast_
 from .search import nearest_code
+from .stats import code_counts
 
 POLICIES = ("none", "importance", "random-used", "reservoir")
 DEFAULT_EVERY = {"importance": 100, "random-used": 1000, "reservoir": 1000}

@@ -2,7 +2,7 @@
 
 Non-selected codes follow encoder drift through a kernel-weighted embedding loss (Eq. 17), and
 the selected code gets an extra ``a`` share of the upstream gradient (modified STE, Eq. 18): ``a = 2/(d D)``
-as the authors' code computes it (METHODS rev 2; the paper's ``2/d`` is ``ste_scale='paper'``).
+as the authors' code computes it (docs/fidelity.md; the paper's ``2/d`` is ``ste_scale='paper'``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch import nn
 
 from .base import Quantizer, straight_through
 from .search import block_sizes
-
 
 TAU_FLOOR = 1e-8
 CPU_BLOCK_ELEMENTS = 1 << 20  # kernel weights held at once on CPU (4 MiB in fp32): a block's passes stay in cache
@@ -92,7 +91,7 @@ def spread_ratio(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class NSVQ(Quantizer):
     """Learnable ``C``; dense kernel loss + commitment; modified STE ``z + sg(c - z) + a c - sg(a c)``.
 
-    Defaults as released (METHODS rev 2): ``tau`` halves per epoch (``tau_decay``), ``a = 2/(d D)``
+    Defaults as released (docs/fidelity.md): ``tau`` halves per epoch (``tau_decay``), ``a = 2/(d D)``
     (``ste_scale='code'``; ``'paper'`` gives ``2/d``).
     """
 

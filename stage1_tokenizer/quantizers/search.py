@@ -1,13 +1,13 @@
-"""The one nearest-code search every variant uses (METHODS "Shared machinery").
+"""The one nearest-code search every variant uses (docs/methods.md).
 
 Squared Euclidean distance ``||z||^2 - 2 z C^T + ||C||^2`` evaluated in blocks of latents and of
 codes, so the distance matrix held at once is at most ``max_elements`` entries, never ``N x K`` for
 a whole batch. Ties go to the lowest index.
 
 On CPU the blocks are cache-sized tiles (2,048 latents x 512 codes, 4 MiB) written into one reused
-buffer, and a tile's argmin is taken only for the rows whose minimum it improves: ``amin`` is ~10x
+buffer, and a tile's argmin is taken only for the rows whose minimum it improves: ``amin`` is much
 cheaper than ``min`` with indices there, and after the first few tiles few rows improve. That keeps
-the search within 1.2-1.5x of the matmul limit ``2 N K D`` (``benchmarks/results/quantizers.md``). On GPUs,
+the search near the matmul limit ``2 N K D`` (``benchmarks/bench_quantizers.py``). On GPUs,
 where a data-dependent row selection would synchronise with the host, each block keeps its argmin.
 """
 from __future__ import annotations

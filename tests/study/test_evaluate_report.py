@@ -1,0 +1,62 @@
+"""eval-tokenizer on a trained run and the report over several runs."""
+import json
+import math
+import statistics
+
+import pytest
+
+from stage1_tokenizer.evaluate import evaluate_tokenizer
+from stage1_tokenizer.train import train_tokenizer
+from study.report import write_report
+from tests.helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed in (0, 1):
+        cfg = small_config("model.resolution=32", "train.max_steps=4", "train.checkpoint_every=100",
+                           f"train.seed={seed}", "train.sample_every=4", "data.num_images=64")  # 4 steps = 1 epoch
+        train_tokenizer(cfg, root / f"vq-s{seed}")
+        runs.append(root / f"vq-s{seed}")
+    return runs
+
+
+def test_eval_tokenizer_writes_metrics_and_grid(two_runs):
+    run = two_runs[0]
+    result = evaluate_tokenizer(run, num_images=24, batch_size=12)
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved == result
+    for key in ("rfid", "lpips_vgg", "lpips_alex", "ssim", "psnr", "usage", "perplexity", "d_per_bit"):
+        assert isinstance(result[key], float), key
+    assert result["rfid"] > 0 and 0 < result["lpips_vgg"] < 1.5 and -1 <= result["ssim"] <= 1 and result["psnr"] > 0
+    assert result["num_images"] == 24 and sum(result["code_counts"]) == 24 * 16 * 16  # 16x16 tokens per image
+    assert result["usage"] == pytest.approx(sum(c > 0 for c in result["code_counts"]) / 32)
+    tokens = 24 * 16 * 16
+    assert result["usage_tokens"] == tokens and result["usage_ceiling"] == pytest.approx(1 - math.exp(-tokens / 32))
+    assert "usage_epoch" in result  # from training (None when the run never completed an epoch)
+    assert (run / "eval_recon.png").exists()
+
+
+def test_report_groups_runs_and_reports_mean_and_std(two_runs, tmp_path):
+    for run in two_runs:
+        if not (run / "eval.json").exists():
+            evaluate_tokenizer(run, num_images=24, batch_size=12)
+    summary = write_report(two_runs, tmp_path / "report")
+    rfids = [json.loads((r / "eval.json").read_text())["rfid"] for r in two_runs]
+    assert summary["vq"]["rfid"]["n"] == 2
+    assert summary["vq"]["rfid"]["mean"] == pytest.approx(statistics.fmean(rfids))
+    assert summary["vq"]["rfid"]["std"] == pytest.approx(statistics.stdev(rfids))
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| vq | 2 |" in text and "±" in text
+    for png in ("usage_curves.png", "usage_epoch_curves.png", "rfid_per_quantizer.png", "code_frequencies.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == summary
+
+
+def test_report_and_eval_refuse_non_runs(tmp_path):
+    with pytest.raises(ValueError, match="not a run directory"):
+        write_report([tmp_path], tmp_path / "out")
+    with pytest.raises(ValueError, match="not a finished tokenizer run"):
+        evaluate_tokenizer(tmp_path)
