@@ -102,7 +102,7 @@ def fid_interval(gen: Features, ref: Stats, num_boot: int = BOOTSTRAP, level: fl
 def prdc_metrics(gen: Features, ref: Features, nearest_k: int = NEAREST_K) -> dict:
     """Precision, recall, density and coverage of the generated features against the reference (k-NN balls), on
     equal set sizes (the first ``min(len)`` of each, as Naeem et al. and Kynkaanniemi et al. measure): k-NN radii
-    shrink as a set grows, so precision against a 5x larger reference read 0.08-0.11 lower for the same demo samples."""
+    shrink as a set grows, so unequal sizes would make precision depend on the reference count (docs/demo.md)."""
     from prdc import compute_prdc
 
     n = min(len(gen.array), len(ref.array))
