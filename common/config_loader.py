@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+from .atomic import write_atomic
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -160,4 +162,4 @@ def _merge(base: dict, top: dict) -> dict:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML beside the run it configures."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

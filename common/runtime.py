@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import Sampler
+
+from .atomic import write_atomic
 
 
 def available_cpus() -> int:
@@ -29,6 +32,7 @@ def set_threads(threads: int | None = None) -> int:
     torch.set_num_threads(threads)
     return threads
 
+logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 
 
@@ -156,13 +160,23 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if self.path.exists():
             keep = [line for line in self.read() if line.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        """The logged records; a last line cut short by a kill mid-append is dropped with a warning naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}:{number} is not a JSON record: {line[:80]!r}") from None
+                logger.warning("dropping the unfinished last line of %s (a run killed mid-write)", self.path)
+        return records

@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from common.atomic import write_atomic
 from common.config_loader import to_dict
 from stage1_tokenizer import lookup_tokenizer
 from stage1_tokenizer.data import BUILTIN_SOURCES
@@ -176,7 +177,7 @@ def _ship_remote_code(out_dir: Path, pipe) -> None:
         folder = out_dir if name == "_class_name" else out_dir / name
         shutil.copyfile(inspect.getsourcefile(module), folder / f"{module_name}.py")
         index[name] = [module_name, obj.__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_atomic(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _drop_name_or_path(out_dir: Path) -> None:
@@ -185,7 +186,7 @@ def _drop_name_or_path(out_dir: Path) -> None:
     for path in out_dir.glob("*/*config.json"):
         config = json.loads(path.read_text())
         if config.pop("_name_or_path", None) is not None:
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save(pipe, out_dir: Path, sidecar: dict, sources: list) -> Path:
@@ -194,7 +195,7 @@ def _save(pipe, out_dir: Path, sidecar: dict, sources: list) -> Path:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _ship_remote_code(out_dir, pipe)
     _drop_name_or_path(out_dir)
-    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    write_atomic(out_dir / SIDECAR, json.dumps(sidecar, indent=2))
     leaks = find_local_paths(out_dir, local_roots(out_dir, *sources))
     if leaks:
         shutil.rmtree(out_dir)

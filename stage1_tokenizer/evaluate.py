@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.atomic import write_atomic
 from eval.codebook import MIN_TOKENS_PER_CODE, distortion_per_bit, perplexity, usage, usage_ceiling
 from eval.fid import extract_features
 from eval.fid_reference import reference_features
@@ -104,5 +105,5 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
             save_recon_grid(orig[:16].float() / 127.5 - 1, recon[:16].float() / 127.5 - 1, run / "eval_recon.png")
     run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     result["usage_epoch"] = run_info.get("usage_epoch")  # Beyond Stationarity's count, from training
-    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    write_atomic(run / "eval.json", json.dumps(result, indent=2))
     return result

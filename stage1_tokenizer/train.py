@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from common.atomic import write_atomic
 from common.config_loader import from_dict
 from common.loop import TrainLoop
 
@@ -216,7 +217,7 @@ class TokenizerTrainer(TrainLoop):
                    "skipped_images": len(self.skipped), "skipped_files": self.skipped[:100],
                    "usage_epoch": self.state.extra.get("usage_epoch"),  # None: no epoch completed
                    "world_size": self.acc.num_processes, "mixed_precision": self.acc.mixed_precision}
-            (self.out / "run.json").write_text(json.dumps(run, indent=2))
+            write_atomic(self.out / "run.json", json.dumps(run, indent=2))
         self.acc.wait_for_everyone()
         return final
 

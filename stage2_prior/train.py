@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
 
+from common.atomic import write_atomic
 from common.loop import TrainLoop
 from common.plots import plot_validation
 from stage1_tokenizer.train import load_run
@@ -152,7 +153,7 @@ class PriorTrainer(TrainLoop):
                "step": step, "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                "num_training_codes": len(self.codes.indices) - len(self.val[0]), "world_size": self.acc.num_processes,
                "mixed_precision": self.acc.mixed_precision, **self._validation_summary(), **extra}
-        (self.out / "run.json").write_text(json.dumps(run, indent=2))
+        write_atomic(self.out / "run.json", json.dumps(run, indent=2))
 
 
 class GPTTrainer(PriorTrainer):

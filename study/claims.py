@@ -11,6 +11,8 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind_from_stats
 
+from common.atomic import write_atomic
+
 from .rank_correlation import spearman_interval
 from .report import METRICS, PRIORS, group_key, groups, mean_std, plateau_state, read_run, summarise
 
@@ -240,5 +242,5 @@ def write_claims(run_dirs: list[str | Path], output: str | Path) -> Path:
     claims = Claims(run_dirs)
     figure = output.with_suffix(".png")
     claims.plot(figure)
-    output.write_text(claims.markdown() + f"\n![rFID against usage]({figure.name})\n")
+    write_atomic(output, claims.markdown() + f"\n![rFID against usage]({figure.name})\n")
     return output

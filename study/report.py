@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from common.atomic import write_atomic
+
 from .leaderboard import leaderboard
 
 METRICS = [  # key in eval.json, column title, direction
@@ -323,8 +325,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     if samples:
         text += ["", "## Samples of the priors", ""]
         text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in samples]
-    (out / "report.md").write_text("\n".join(text) + "\n")
+    write_atomic(out / "report.md", "\n".join(text) + "\n")
     results = nested(summary)
     results.update({name: {"error": error} for name, error in failures.items()})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     return summary

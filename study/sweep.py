@@ -17,6 +17,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
+from common.atomic import write_atomic
 from common.config_loader import load_config, presets, save_config, with_overrides
 from common.runtime import process_state
 from common.tracking import trackers_for
@@ -179,7 +180,7 @@ class Sweep:
             path = run / "timings.json"
             timings = json.loads(path.read_text()) if path.exists() else {}
             timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
-            path.write_text(json.dumps(timings, indent=2))
+            write_atomic(path, json.dumps(timings, indent=2))
         return result
 
     # --- stages ------------------------------------------------------------------------------
@@ -240,9 +241,9 @@ class Sweep:
         sidecar["metrics"] = {**{k: result[k] for k in ("gfid", "gfid_ci", "kid", "kid_std", "precision", "recall",
                                                         "num_images")},
                               **{k: evaluation.get(k) for k in ("rfid", "rfid_ci", "usage", "perplexity")}}
-        (pipe_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+        write_atomic(pipe_dir / SIDECAR, json.dumps(sidecar, indent=2))
         generation[kind] = result
-        gen_path.write_text(json.dumps(generation, indent=2))
+        write_atomic(gen_path, json.dumps(generation, indent=2))
 
     # --- the whole sweep -------------------------------------------------------------------------
     def run(self) -> dict:

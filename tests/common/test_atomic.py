@@ -1,0 +1,90 @@
+"""Files a later stage or a resume trusts are written whole or not at all: a failure mid-write keeps the old file."""
+import json
+
+import pytest
+
+from common import atomic
+from common.atomic import write_atomic
+from common.config_loader import save_config
+from common.runtime import MetricsLog
+from stage1_tokenizer.config import TokenizerConfig
+from study.report import write_report
+from study.sweep import Sweep, SweepConfig
+from tests.helpers import fake_run
+
+
+@pytest.fixture
+def failing_disk(monkeypatch):
+    """Make the next atomic write fail after its bytes went to the temporary file, as a kill or a full disk would."""
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+    return lambda: monkeypatch.setattr(atomic.os, "fsync", fail)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, failing_disk):
+    path = tmp_path / "eval.json"
+    write_atomic(path, '{"rfid": 1.0}')
+    assert json.loads(path.read_text()) == {"rfid": 1.0}
+    failing_disk()
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, '{"rfid": 2.0, "usage": 0.5}')
+    assert json.loads(path.read_text()) == {"rfid": 1.0} and leftovers(tmp_path) == []
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "new.json", b"{}")
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_metrics_truncation_on_resume_never_loses_the_log(tmp_path, failing_disk):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    failing_disk()
+    with pytest.raises(OSError):
+        log.truncate_after(1)
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_the_resolved_config_is_kept_whole(tmp_path, failing_disk):
+    save_config(TokenizerConfig(), tmp_path / "config.yaml")
+    before = (tmp_path / "config.yaml").read_text()
+    failing_disk()
+    with pytest.raises(OSError):
+        save_config(TokenizerConfig(), tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_the_report_and_the_sweeps_timings_are_kept_whole(tmp_path, failing_disk):
+    runs = [fake_run(tmp_path / "runs", "vq", 256, seed) for seed in (0, 1)]
+    write_report(runs, tmp_path / "report")
+    results = (tmp_path / "report" / "results.json").read_text()
+    sweep = Sweep(SweepConfig(quantizers=["vq"]), tmp_path / "sweep")
+    run = tmp_path / "sweep" / "vq"
+    run.mkdir(parents=True)
+    sweep._timed(run, "tokenizer", lambda: None)
+    timings = (run / "timings.json").read_text()
+    failing_disk()
+    with pytest.raises(OSError):
+        write_report(runs, tmp_path / "report")
+    with pytest.raises(OSError):
+        sweep._timed(run, "gpt", lambda: None)
+    assert (tmp_path / "report" / "results.json").read_text() == results
+    assert (run / "timings.json").read_text() == timings
+    assert leftovers(tmp_path / "report") == [] and leftovers(run) == []
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume_and_named(tmp_path, caplog):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 0.5})
+    with log.path.open("a") as f:
+        f.write('{"step": 2, "lo')  # the append a SIGKILL interrupted
+    assert log.read() == [{"step": 1, "loss": 0.5}]
+    assert "unfinished last line" in caplog.text and "metrics.jsonl" in caplog.text
+    log.truncate_after(1)  # what a resume does: the file is whole again
+    assert log.path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2 is not a JSON record"):
+        log.read()
