@@ -188,6 +188,16 @@ def _shipped(package: str, kind: str) -> str:
     return ", ".join(preset_names(presets(package, kind)))
 
 
+def _run_options(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    """What every training command takes: its run directory, length, resume, seed, tracker and config overrides."""
+    parser.add_argument("--output-dir", required=True, help="run directory: config, checkpoints, metrics, samples, weights")
+    parser.add_argument("--max-steps", type=int, help="total optimisation steps of the run (overrides train.max_steps)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
+    parser.add_argument("--seed", type=int, help="run seed (overrides train.seed)")
+    _report_to(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
 def _report_to(parser: argparse.ArgumentParser) -> None:
     from common.tracking import CHOICES
 
@@ -218,12 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--preset", default="tiny",
                     help=f"a shipped preset ({_shipped('stage1_tokenizer', 'tokenizer')}) or a .yaml path (default: tiny)")
     tt.add_argument("--data", help="mnist | shapes | a folder of images | hf:<imagefolder dir> (default: the preset's)")
-    tt.add_argument("--output-dir", required=True, help="run directory: config, checkpoints, metrics, samples, weights")
-    tt.add_argument("--max-steps", type=int, help="total optimisation steps of the run (overrides train.max_steps)")
-    tt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
-    tt.add_argument("--seed", type=int, help="run seed (overrides train.seed)")
-    _report_to(tt)
-    tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    _run_options(tt, "config overrides, dotted keys")
     tt.set_defaults(func=_cmd_train_tokenizer)
     ev = sub.add_parser("eval-tokenizer", help="rFID, LPIPS, SSIM, PSNR and codebook health of a tokenizer run")
     ev.add_argument("run_dir", help="a finished train-tokenizer run directory")
@@ -244,12 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--kind", required=True, choices=["gpt", "ldm"])
     tp.add_argument("--preset", default="tiny", help=f"gpt: {_shipped('stage2_prior', 'gpt')}; ldm: "
                                                      f"{_shipped('stage2_prior', 'ldm')} (or a .yaml path; default tiny)")
-    tp.add_argument("--output-dir", required=True)
-    tp.add_argument("--max-steps", type=int)
-    tp.add_argument("--resume", action="store_true")
-    tp.add_argument("--seed", type=int)
-    _report_to(tp)
-    tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gpt.n_layer=8")
+    _run_options(tp, "config overrides, e.g. gpt.n_layer=8")
     tp.set_defaults(func=_cmd_train_prior)
     ex = sub.add_parser("export", help="export a finished prior run as a diffusers pipeline folder")
     ex.add_argument("prior_dir", help="a finished train-prior run (gpt -> VQGPTPipeline, ldm -> LDMPipeline)")
