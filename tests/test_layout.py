@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import project_packages
+from tests.helpers import ROOT, project_packages
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = project_packages()
 QUANTIZERS = "stage1_tokenizer.quantizers"
 # what each layer may import of ours, bottom up (the quantizer library is checked on its own below)

@@ -4,13 +4,11 @@ import shutil
 import site
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import project_packages
+from tests.helpers import ROOT, project_packages
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = project_packages()
 
 

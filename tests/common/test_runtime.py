@@ -1,6 +1,5 @@
 """Process runtime: intra-op threads from the CPUs the process may use, and --threads on every command."""
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import TokenizerTrainer
 from stage2_prior.train import TRAINERS
 from study.cli import main
-from tests.helpers import prior_config, small_config, tiny_tokenizer_run
+from tests.helpers import ROOT, prior_config, project_packages, small_config, tiny_tokenizer_run
 
 
 @pytest.fixture
@@ -78,8 +77,7 @@ def test_unknown_precision_is_a_config_error():
 
 
 # --- no host syncs in a training step ------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[2]
-PROJECT = tuple(str(ROOT / d) for d in ("common", "stage1_tokenizer", "stage2_prior", "eval", "pipelines"))
+PROJECT = tuple(str(ROOT / d) for d in project_packages())
 SYNCING = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__")
 QUIET = ["train.log_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000", "train.max_steps=1000"]
 

@@ -23,9 +23,9 @@ from stage1_tokenizer.train import load_run
 from stage2_prior import vqgpt_pipeline
 from stage2_prior.train import train_prior
 from stage2_prior.vqgpt_pipeline import VQGPTPipeline
-from tests.helpers import prior_config, tiny_tokenizer_run
+from tests.helpers import prior_config, project_packages, tiny_tokenizer_run
 
-OURS = ("common", "stage1_tokenizer", "stage2_prior", "pipelines", "eval", "study")
+OURS = project_packages()
 
 
 @pytest.fixture(scope="module")
