@@ -32,6 +32,29 @@ def image_transform(resolution: int, random_crop: bool = False) -> v2.Compose:
     return v2.Compose([v2.ToImage(), *size, v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
 
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit integer) pixels
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether ``img`` carries transparency: an alpha band or a palette/grey transparency entry."""
+    return img.mode in ALPHA_MODES or "transparency" in img.info
+
+
+def decode(img: Image.Image, channels: int) -> Image.Image:
+    """A PIL image as 'RGB' (channels 3) or 'L' (channels 1): 16-bit pixels scaled to 8 bits, transparency
+    composited on white, palette and CMYK expanded; colour to grey by ITU-R 601 luma."""
+    if img.mode in SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.float64)
+        sixteen = img.mode.startswith("I;16") or wide.max(initial=0) > 255  # mode I: 16-bit data once above 255
+        scale = 257.0 if sixteen else 1.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.round(wide / scale), 0, 255).astype(np.uint8), "L")
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB" if channels == 3 else "L")
+
+
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """Grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma."""
     if x.shape[0] == channels:
@@ -136,7 +159,7 @@ class ImageFiles(Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB" if self.channels == 3 else "L")
+                img = decode(im, self.channels)
         except Exception as e:
             raise OSError(f"image {path} passed verification but failed to decode: {e}") from e
         return self.transform(img), -1
@@ -159,8 +182,24 @@ class HFImages(Dataset):
 
     def __getitem__(self, i):
         row = self.ds[i]
-        img = row["image"].convert("RGB" if self.channels == 3 else "L")
+        img = decode(row["image"], self.channels)
         return self.transform(img), int(row.get("label", -1))
+
+
+SPLIT_FOLDERS = ("train", "test")  # a folder holding both uses them as its splits (held-out images stay apart)
+
+
+def split_folders(root: Path) -> bool:
+    """Whether ``root`` is split by its own ``train/`` and ``test/`` subfolders."""
+    return all((Path(root) / name).is_dir() for name in SPLIT_FOLDERS)
+
+
+def folder_files(root: Path, split: str, holdout: float) -> list[Path]:
+    """The image files of one split of a folder: its ``split/`` subfolder when it has ``train/`` and ``test/``,
+    else a deterministic ``holdout`` fraction of all its files."""
+    if split_folders(root):
+        return image_files(Path(root) / split)
+    return _split_files(image_files(root), split, holdout)
 
 
 def _split_files(files: list[Path], split: str, holdout: float) -> list[Path]:
@@ -174,7 +213,8 @@ def _split_files(files: list[Path], split: str, holdout: float) -> list[Path]:
 
 def build_dataset(source: str, resolution: int, channels: int, split: str = "train",
                   num_images: int | None = None, holdout: float = 0.05, random_crop: bool = False) -> Dataset:
-    """``mnist`` | ``shapes`` | ``hf:<dir>`` | a folder of images; ``split`` is 'train' or 'test'; ``random_crop``:
+    """``mnist`` | ``shapes`` | ``hf:<dir>`` | a folder of images (split by its ``train/`` and ``test/`` subfolders
+    when it has both, else by ``holdout``); ``split`` is 'train' or 'test'; ``random_crop``:
     random-resized crops of ``resolution`` (training augmentation) instead of resize + centre crop."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -189,10 +229,11 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         root = Path(source)
         if not root.is_dir():
             raise ValueError(f"data source {source!r} is not mnist, shapes, hf:<dir> or an existing folder")
-        files = image_files(root)
+        files = folder_files(root, split, holdout)
         if not files:
-            raise ValueError(f"no images found under {root} (looked for {', '.join(sorted(Image.registered_extensions())[:8])}, ...)")
-        ds = ImageFiles(_split_files(files, split, holdout), resolution, channels)
+            where = root / split if split_folders(root) else root
+            raise ValueError(f"no images found under {where} (looked for {', '.join(sorted(Image.registered_extensions())[:8])}, ...)")
+        ds = ImageFiles(files, resolution, channels)
         if len(ds) == 0:
             raise ValueError(f"no readable images under {root} for split {split!r} ({len(ds.skipped)} unreadable)")
     if random_crop:

@@ -49,8 +49,9 @@ class QuantizerState:
 class TokenizerTrainer(TrainLoop):
     """Owns the models, optimisers and data of one stage-1 run; the loop itself is :class:`TrainLoop`."""
 
-    def __init__(self, cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False, data_fit: dict | None = None):
         super().__init__(cfg, output_dir, resume)
+        self.data_fit = data_fit
         self.desc = f"tokenizer[{cfg.quantizer.name}]"
         t, m = cfg.train, cfg.model
         self.dataset = build_dataset(cfg.data.source, m.resolution, m.in_channels, "train", cfg.data.num_images,
@@ -216,16 +217,18 @@ class TokenizerTrainer(TrainLoop):
                    "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                    "skipped_images": len(self.skipped), "skipped_files": self.skipped[:100],
                    "usage_epoch": self.state.extra.get("usage_epoch"),  # None: no epoch completed
-                   "world_size": self.acc.num_processes, "mixed_precision": self.acc.mixed_precision}
+                   "world_size": self.acc.num_processes, "mixed_precision": self.acc.mixed_precision,
+                   "data_fit": self.data_fit}  # how the input shape was chosen (stage1_tokenizer.data_fit)
             write_atomic(self.out / "run.json", json.dumps(run, indent=2))
         self.acc.wait_for_everyone()
         return final
 
 
 def train_tokenizer(cfg: TokenizerConfig, output_dir: str | Path, resume: bool = False,
-                    max_steps: int | None = None) -> Path:
-    """Train (or resume) a tokenizer run; returns the folder of the final safetensors weights."""
-    return TokenizerTrainer(cfg, output_dir, resume=resume).train(max_steps)
+                    max_steps: int | None = None, data_fit: dict | None = None) -> Path:
+    """Train (or resume) a tokenizer run; returns the folder of the final safetensors weights. ``data_fit``: the
+    record of how the input shape was chosen, kept in run.json."""
+    return TokenizerTrainer(cfg, output_dir, resume=resume, data_fit=data_fit).train(max_steps)
 
 
 def load_run(run_dir: str | Path) -> tuple[TokenizerConfig, VQTokenizer]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
+
+DEFAULT_TOKENIZER_PRESET = "tiny"
+DEFAULT_SWEEP = "demo"
 
 
 def _cmd_quantizers(args) -> int:
@@ -38,11 +42,25 @@ def _cmd_demo_drift(args) -> int:
 
 def _cmd_train_tokenizer(args) -> int:
     from stage1_tokenizer.config import load_tokenizer_config
+    from stage1_tokenizer.data_fit import fit_to_data, inspect_data, typed_fields
     from stage1_tokenizer.train import train_tokenizer
 
     overrides = _with_flags(args, ("quantizer.name", args.quantizer), ("data.source", args.data),
                             ("train.report_to", args.report_to))
-    return _train(train_tokenizer, load_tokenizer_config(args.preset, overrides), args, "tokenizer")
+    cfg = load_tokenizer_config(args.preset or DEFAULT_TOKENIZER_PRESET, overrides)
+    typed = typed_fields(overrides, args.preset and f"--preset {args.preset}")
+    cfg, fit = fit_to_data(cfg, inspect_data(cfg.data.source), typed)  # the data decides what the user left open
+    if fit:
+        _say(f"data {fit['message']}")
+    return _train(partial(train_tokenizer, data_fit=fit), cfg, args, "tokenizer")
+
+
+def _say(line: str) -> None:
+    """One line to stderr, from the main process only."""
+    from common.runtime import process_state
+
+    if process_state().is_main_process:
+        print(f"vqgen: {line}", file=sys.stderr)
 
 
 def _with_flags(args, *pairs) -> list[str]:
@@ -136,6 +154,15 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def _cmd_data_emoji(args) -> int:
+    from stage1_tokenizer.emoji_set import prepare_emoji
+
+    counts = prepare_emoji(args.tarballs, args.output)
+    print(f"wrote {counts['train']} training and {counts['test']} held-out images to {args.output} "
+          f"(licences in {args.output}/LICENSES.md)")
+    return 0
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) for ``vqgen sweep --shard``."""
     try:
@@ -156,8 +183,11 @@ def _cmd_sweep(args) -> int:
                        ("report_to", args.report_to)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_sweep_config(args.config, overrides)
-    sweep = Sweep(cfg, args.output_dir, args.shard)
+    cfg = load_sweep_config(args.config or DEFAULT_SWEEP, overrides)
+    # a config or tokenizer preset the user named keeps its input shape; the default one yields to the data
+    named = [f"--{flag} {value}" for flag, value in (("config", args.config), ("preset", args.preset)) if value]
+    named += [item for item in args.overrides if item.split("=", 1)[0].strip() == "preset"]
+    sweep = Sweep(cfg, args.output_dir, args.shard, keep_shape=", ".join(named) or None)
     result = sweep.run()
     if sweep.state.is_main_process:
         finished, failed = ", ".join(result["finished"]) or "none", ", ".join(result["failed"]) or "none"
@@ -225,9 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train (or resume) a stage-1 VQ tokenizer. Everything in the preset can be "
                                     "overridden with key=value, e.g. train.lr=1e-4 quantizer.options.noise_std=1e-2.")
     tt.add_argument("--quantizer", help=f"variant: {', '.join(QUANTIZERS)} (default: the preset's)")
-    tt.add_argument("--preset", default="tiny",
-                    help=f"a shipped preset ({_shipped('stage1_tokenizer', 'tokenizer')}) or a .yaml path (default: tiny)")
-    tt.add_argument("--data", help="mnist | shapes | a folder of images | hf:<imagefolder dir> (default: the preset's)")
+    tt.add_argument("--preset",
+                    help=f"a shipped preset ({_shipped('stage1_tokenizer', 'tokenizer')}) or a .yaml path; a named "
+                         f"preset keeps its channels and resolution (default: {DEFAULT_TOKENIZER_PRESET}, with "
+                         "channels, resolution and depth from the data)")
+    tt.add_argument("--data", help="mnist | shapes | a folder of images (train/ and test/ subfolders are its splits) "
+                                   "| hf:<imagefolder dir> (default: the preset's)")
     _run_options(tt, "config overrides, dotted keys")
     tt.set_defaults(func=_cmd_train_tokenizer)
     ev = sub.add_parser("eval-tokenizer", help="rFID, LPIPS, SSIM, PSNR and codebook health of a tokenizer run")
@@ -287,11 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="the whole study: tokenizer, evaluation, GPT + LDM priors, export, gFID, report",
                         description="Train and score every chosen quantizer end to end; finished stages are skipped, "
                                     "a killed sweep resumes. Sweep settings: a shipped preset + key=value overrides.")
-    sw.add_argument("--config", default="demo",
-                    help=f"sweep preset ({_shipped('study', 'sweep')}) or a .yaml path (default demo)")
+    sw.add_argument("--config",
+                    help=f"sweep preset ({_shipped('study', 'sweep')}) or a .yaml path; a named config keeps its "
+                         f"tokenizer's channels and resolution (default: {DEFAULT_SWEEP}, with the tokenizer's "
+                         "channels, resolution and depth from the data)")
     sw.add_argument("--output-dir", default="runs/sweep")
     sw.add_argument("--quantizers", help="comma-separated variants, or 'all' (default: the sweep preset's)")
-    sw.add_argument("--preset", help="tokenizer preset (default: the sweep preset's)")
+    sw.add_argument("--preset", help="tokenizer preset, which keeps its channels and resolution (default: the sweep "
+                                     "preset's)")
     sw.add_argument("--data", help="mnist | shapes | a folder of images | hf:<dir> (default: the sweep preset's)")
     sw.add_argument("--max-steps", type=int, help="cap every training stage at N steps (smoke runs)")
     sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
@@ -318,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--num-workers", type=int, help="threads decoding and resizing images (default: in the main thread)")
     fd.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     fd.set_defaults(func=_cmd_fid)
+    data = sub.add_parser("data", help="build a data set the project ships a recipe for")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    de = data_sub.add_parser("emoji", help="3,812 distinct 64x64 colour emoji (Noto + Twemoji) from npm tarballs",
+                             description="Build the emoji set from the npm tarballs emoji-datasource-google and "
+                                         "emoji-datasource-twitter (fetch them with `npm pack`, or `make data-emoji`)")
+    de.add_argument("--tarballs", default="data/npm", help="folder holding the two .tgz files (default data/npm)")
+    de.add_argument("--output", default="data/emoji", help="folder to create (default data/emoji)")
+    de.set_defaults(func=_cmd_data_emoji)
     demo = sub.add_parser("demo", help="small demonstrations that run in minutes on a CPU")
     demo_sub = demo.add_subparsers(dest="demo", required=True)
     dq = demo_sub.add_parser("quantizers", help="compare every quantizer on a drifting 2-D stream")

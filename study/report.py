@@ -68,6 +68,7 @@ def read_run(run: Path) -> dict:
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
     generation = json.loads((run / "generation.json").read_text()) if (run / "generation.json").exists() else {}
+    run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     if (slope := usage_epoch_slope(curves)) is not None:
         evaluation["usage_epoch_slope"] = slope
     for kind, result in generation.items():
@@ -79,7 +80,7 @@ def read_run(run: Path) -> dict:
     variant = q.get("name", "?") + (f" (encoder frozen @{freeze_at})" if freeze_at is not None else "")
     return {"dir": str(run), "quantizer": q.get("name", "?"), "variant": variant, "freeze_at": freeze_at,
             "num_codes": q.get("num_codes"),
-            "seed": cfg.get("train", {}).get("seed"), "curves": curves, "eval": evaluation, "generation": generation,
+            "seed": cfg.get("train", {}).get("seed"), "data_fit": run_info.get("data_fit"), "curves": curves, "eval": evaluation, "generation": generation,
             "eval_grid": str(run / "eval_recon.png") if (run / "eval_recon.png").exists() else None,
             "last_sample": str(samples[-1]) if samples else None,
             "sample_grids": {k: run / g["grid"] for k, g in generation.items() if g.get("grid") and (run / g["grid"]).exists()}}
@@ -313,7 +314,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             grids.append((key, _shown(Path(src), out, f"{run_label(r['dir'])}.png")))
         for kind, src in sorted(r["sample_grids"].items()):
             samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
-    text = [f"# {title}", "", *(notes or []), *leaderboard(groups(runs, by_size), PRIORS),
+    inputs = dict.fromkeys(r["data_fit"]["message"] for r in runs if r.get("data_fit"))  # each distinct once
+    text = [f"# {title}", "", *(notes or []), *(f"Input: {line}" for line in inputs), *([""] if inputs else []),
+            *leaderboard(groups(runs, by_size), PRIORS),
             f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
             table(summary) if runs else "(no finished runs)", "", *plateau_lines(summary)]
     if failures:

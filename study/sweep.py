@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from common.tracking import trackers_for
 from pipelines.export import SIDECAR, export_prior
 from pipelines.sample import gfid
 from stage1_tokenizer.config import load_tokenizer_config
+from stage1_tokenizer.data_fit import fit_to_data, inspect_data, typed_fields
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import train_tokenizer
@@ -147,11 +149,15 @@ def archive_run(run: Path, dest: Path) -> Path:
 class Sweep:
     """Runs the stages of every (quantizer, K, seed) in ``cfg`` under ``out``."""
 
-    def __init__(self, cfg: SweepConfig, out: str | Path, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, cfg: SweepConfig, out: str | Path, shard: tuple[int, int] = (0, 1), keep_shape: str | None = None):
+        """``keep_shape``: what the user named that holds the tokenizer's input shape (``--config rgb64``); None:
+        the data decides the channels, resolution and depth the tokenizer overrides leave open."""
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
         self.cfg, self.out, self.shard = cfg, Path(out), shard
+        self.typed = typed_fields(cfg.tokenizer, keep_shape)
+        self.profile, self.announced = None, False
         self.state = process_state()
         self.stats_dir = self.out / "fid-stats"
 
@@ -183,6 +189,12 @@ class Sweep:
             write_atomic(path, json.dumps(timings, indent=2))
         return result
 
+    def _profile(self):
+        """The sweep's data, looked at once (None for sources without a profile)."""
+        if self.profile is None:
+            self.profile = inspect_data(self.cfg.data) or False
+        return self.profile or None
+
     # --- stages ------------------------------------------------------------------------------
     def _train_section(self, train, run: Path, stage: str, seed: int):
         """A stage's ``train`` section with the run's seed and one tracker run per stage, named after the sweep run
@@ -199,7 +211,11 @@ class Sweep:
                           data=replace(cfg.data, source=self.cfg.data),
                           train=self._train_section(cfg.train, run, "tokenizer", seed))
             cfg = _cap(with_overrides(cfg, self.cfg.tokenizer), self.cfg.max_steps)  # the user's overrides win
-            self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists())
+            cfg, fit = fit_to_data(cfg, self._profile(), self.typed)
+            if fit and not self.announced and self.state.is_main_process:
+                print(f"vqgen: data {fit['message']}", file=sys.stderr)  # once per sweep: every run shares it
+                self.announced = True
+            self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists(), data_fit=fit)
         if not (tok / "eval.json").exists():
             self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok, num_images=self.cfg.eval_images,
                             stats_dir=self.stats_dir)
@@ -288,7 +304,7 @@ class Sweep:
         seconds = time.time() - start
         if self.state.is_main_process:
             notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
-                     f"`{self.cfg.ldm_preset}`; rFID on {self.cfg.eval_images} held-out images, gFID on "
+                     f"`{self.cfg.ldm_preset}`; rFID on up to {self.cfg.eval_images} held-out images, gFID on "
                      f"{self.cfg.gfid_images} samples per prior vs {self.cfg.ref_images or self.cfg.gfid_images} "
                      f"training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
                      f"per-stage seconds in each run's timings.json).", *([f"**Sweep {stopped}.**"] if stopped else []), ""]

@@ -7,7 +7,7 @@ import pytest
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.train import train_tokenizer
 from study.report import write_report
-from tests.helpers import small_config
+from tests.helpers import fake_run, small_config
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,13 @@ def test_report_groups_runs_and_reports_mean_and_std(two_runs, tmp_path):
 def test_report_refuses_non_runs(tmp_path):
     with pytest.raises(ValueError, match="not a run directory"):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_report_header_says_how_the_input_was_fitted(tmp_path):
+    runs = [fake_run(tmp_path / "runs", q, 64, 0) for q in ("vq", "diveq")]
+    line = "data/x: 10 images (all looked at): colour, 64 px -> tokenizer in_channels=3, resolution 64 px"
+    for run in runs:  # both runs share the data: the line appears once
+        (run / "run.json").write_text(json.dumps({"status": "finished", "data_fit": {"message": line}}))
+    write_report(runs, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.count(f"Input: {line}") == 1 and text.index("Input:") < text.index("| vq")
