@@ -111,7 +111,7 @@ def model_card(sidecar: dict, repo_id: str, remote_files: list[str]) -> ModelCar
 
 # {repo_id.split("/")[-1]}
 
-`{sidecar.get("pipeline")}` trained by vqgen on {shown}: a VQ tokenizer with the
+`{sidecar.get("pipeline")}` trained by vqgen on {shown}{_image_format(sidecar)}: a VQ tokenizer with the
 **{sidecar.get("quantizer")}** quantizer (K = {sidecar.get("num_codes")}) and a generative prior on its frozen codes.
 The full tokenizer and prior configs are in the card's `vqgen.config` metadata and in `vqgen.json`.
 
@@ -147,6 +147,14 @@ def validate_card(card: ModelCard) -> None:
             raise ValueError("model card: model-index does not round-trip")
     for dataset in meta.get("datasets") or []:
         validate_repo_id(dataset)
+
+
+def _image_format(sidecar: dict) -> str:
+    """`` (64x64 colour images)``: what the pipeline generates, from its sidecar; empty where not recorded."""
+    if not sidecar.get("resolution"):
+        return ""
+    kind = {3: "colour", 1: "grey"}.get(sidecar.get("channels"), "")
+    return f" ({sidecar['resolution']}x{sidecar['resolution']}{' ' + kind if kind else ''} images)"
 
 
 def stage(pipeline_dir: str | Path, repo_id: str, out_dir: str | Path, dataset: str | None = None) -> Path:

@@ -328,6 +328,7 @@ def test_publish_dry_run_writes_the_card_and_uploads_nothing(exported, tmp_path,
     assert "model-index" in card and "12.5" in card and "3.25" in card and "someone/vqgen-test" in card
     assert usage_code(sidecar, "someone/vqgen-test", True) in card and "samples.png" in card
     assert "trust_remote_code=True" in card and (staged / "vqgpt_pipeline.py").exists()
+    assert "(16x16 colour images)" in card  # the tiny tokenizer: 3-channel shapes at 16 px
     for name in ("model_index.json", "transformer/model.safetensors", "vqvae/config.json", "samples.png"):
         assert (staged / name).exists(), name
     from huggingface_hub import ModelCard
