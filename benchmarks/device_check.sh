@@ -4,6 +4,7 @@
 #   2. a 200-step `tiny` sweep of two quantizers (vq, diveq) in bf16, with its per-stage timings;
 #   3. the no-host-sync tests (on CUDA: torch.cuda.set_sync_debug_mode("error") inside training steps);
 #   4. the GPT sampling benchmark (KV cache vs recompute) at batch 64;
+#   5. on CUDA, the paper-scale presets' step time and peak memory at their configured batch (bench_presets.py);
 # and writes benchmarks/results/<device>.md (cuda.md on a GPU) with every figure and each step's exit status.
 #
 #   bash benchmarks/device_check.sh                 # cuda (the default)
@@ -49,6 +50,7 @@ step sweep "$PY" -m study.cli sweep --output-dir "$WORK/sweep" --quantizers vq,d
   'gpt=["train.mixed_precision=bf16"]' 'ldm=["train.mixed_precision=bf16"]'
 step sync_tests "$PY" -m pytest -q tests/common/test_runtime.py -k "syncs or synchronise or reads_nothing"
 step sampling "$PY" benchmarks/bench_kv_cache.py --device "$DEVICE" --batch 64 --lengths "${LENGTHS[@]}" --out "$OUT-sampling"
+[[ "$DEVICE" == cuda ]] && step presets "$PY" benchmarks/bench_presets.py --steps 3 --memory-gib 70 --out "$OUT-presets"
 
 {
   echo
@@ -58,5 +60,6 @@ step sampling "$PY" benchmarks/bench_kv_cache.py --device "$DEVICE" --batch 64 -
   sed -n '/^| /p' "$WORK/sweep/report.md" 2>/dev/null | head -n 12
   echo; echo "## No-host-sync tests"; echo; echo '```'; tail -n 3 "$WORK/sync_tests.log"; echo '```'
   echo; echo "## Sampling"; echo; sed -n '/^| /p' "$OUT-sampling.md" 2>/dev/null || echo "(no result)"
+  [[ "$DEVICE" == cuda ]] && { echo; echo "## Paper-scale presets"; echo; sed -n '/^| /p' "$OUT-presets.md" 2>/dev/null || echo "(no result)"; }
 } >> "$REPORT"
 echo "wrote $REPORT" >&2

@@ -59,7 +59,7 @@ class SampleConfig:
 
     top_k: int | None = None
     temperature: float = 1.0
-    num_samples: int = 16  # images in each sample grid
+    num_samples: int = 16  # images in each sample grid during training; 0: none
     seed: int = 0
 
 

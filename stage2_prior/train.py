@@ -138,6 +138,14 @@ class PriorTrainer(TrainLoop):
         return {key: rows[-1][key], f"train_{self.val_metric}": rows[-1][f"train_{self.val_metric}"],
                 f"best_{key}": best[key], f"best_{key}_step": best["step"], "num_val_examples": len(self.val[0])}
 
+    def _write_samples(self, step: int) -> dict[str, Path]:
+        """The sample grid of this step; with ``sample.num_samples: 0`` only the validation plot (a large model's
+        grid costs minutes on a CPU)."""
+        if not self.cfg.sample.num_samples:
+            self._validation_summary()
+            return {}
+        return self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed).cpu(), step)
+
     def _write_grid(self, images: torch.Tensor, step: int) -> dict[str, Path]:
         """Images in [0, 1] -> ``samples/samples_step<step>.png`` and ``samples.png`` (the latest)."""
         (self.out / "samples").mkdir(exist_ok=True)
@@ -216,9 +224,6 @@ class GPTTrainer(PriorTrainer):
         images = self.tokenizer.decode_indices(sequence_to_codes(seq, self.grid))
         return (images.float().clamp(-1, 1) + 1) / 2
 
-    def _write_samples(self, step: int) -> dict[str, Path]:
-        return self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed).cpu(), step)
-
     def _finish(self, step: int, seconds: float) -> Path:
         final = self.out / "transformer"
         if self.acc.is_main_process:
@@ -292,9 +297,6 @@ class LDMTrainer(PriorTrainer):
         out = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), eta=self.cfg.ldm.eta,
                    num_inference_steps=self.cfg.ldm.num_inference_steps, output_type="np")
         return torch.from_numpy(out.images).permute(0, 3, 1, 2)
-
-    def _write_samples(self, step: int) -> dict[str, Path]:
-        return self._write_grid(self.sample_images(self.cfg.sample.num_samples, self.cfg.sample.seed), step)
 
     def _finish(self, step: int, seconds: float) -> Path:
         final = self.out / "unet"
