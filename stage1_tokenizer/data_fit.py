@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -186,3 +187,11 @@ def fit_to_data(cfg: TokenizerConfig, profile: DataProfile | None, typed: dict[s
               "block_out_channels": widths, "tokens": grid, "random_resized_crop": crops,
               "from": {f: typed.get(f, "data") for f in SHAPE_FIELDS}, "warnings": lost, "message": message}
     return cfg, record
+
+
+def announce(fit: dict | None) -> None:
+    """The fit's one line on stderr, from the main process only (nothing for sources without a profile)."""
+    from common.runtime import process_state
+
+    if fit and process_state().is_main_process:
+        print(f"vqgen: data {fit['message']}", file=sys.stderr)

@@ -42,7 +42,7 @@ def _cmd_demo_drift(args) -> int:
 
 def _cmd_train_tokenizer(args) -> int:
     from stage1_tokenizer.config import load_tokenizer_config
-    from stage1_tokenizer.data_fit import fit_to_data, inspect_data, typed_fields
+    from stage1_tokenizer.data_fit import announce, fit_to_data, inspect_data, typed_fields
     from stage1_tokenizer.train import train_tokenizer
 
     overrides = _with_flags(args, ("quantizer.name", args.quantizer), ("data.source", args.data),
@@ -50,17 +50,8 @@ def _cmd_train_tokenizer(args) -> int:
     cfg = load_tokenizer_config(args.preset or DEFAULT_TOKENIZER_PRESET, overrides)
     typed = typed_fields(overrides, args.preset and f"--preset {args.preset}")
     cfg, fit = fit_to_data(cfg, inspect_data(cfg.data.source), typed)  # the data decides what the user left open
-    if fit:
-        _say(f"data {fit['message']}")
+    announce(fit)
     return _train(partial(train_tokenizer, data_fit=fit), cfg, args, "tokenizer")
-
-
-def _say(line: str) -> None:
-    """One line to stderr, from the main process only."""
-    from common.runtime import process_state
-
-    if process_state().is_main_process:
-        print(f"vqgen: {line}", file=sys.stderr)
 
 
 def _with_flags(args, *pairs) -> list[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
@@ -25,7 +25,7 @@ from common.tracking import trackers_for
 from pipelines.export import SIDECAR, export_prior
 from pipelines.sample import gfid
 from stage1_tokenizer.config import load_tokenizer_config
-from stage1_tokenizer.data_fit import fit_to_data, inspect_data, typed_fields
+from stage1_tokenizer.data_fit import announce, fit_to_data, inspect_data, typed_fields
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import train_tokenizer
@@ -157,7 +157,7 @@ class Sweep:
             raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
         self.cfg, self.out, self.shard = cfg, Path(out), shard
         self.typed = typed_fields(cfg.tokenizer, keep_shape)
-        self.profile, self.announced = None, False
+        self.announced = False
         self.state = process_state()
         self.stats_dir = self.out / "fid-stats"
 
@@ -189,11 +189,10 @@ class Sweep:
             write_atomic(path, json.dumps(timings, indent=2))
         return result
 
-    def _profile(self):
-        """The sweep's data, looked at once (None for sources without a profile)."""
-        if self.profile is None:
-            self.profile = inspect_data(self.cfg.data) or False
-        return self.profile or None
+    @cached_property
+    def profile(self):
+        """The sweep's data, looked at once, when the first tokenizer trains (None for sources without a profile)."""
+        return inspect_data(self.cfg.data)
 
     # --- stages ------------------------------------------------------------------------------
     def _train_section(self, train, run: Path, stage: str, seed: int):
@@ -211,9 +210,9 @@ class Sweep:
                           data=replace(cfg.data, source=self.cfg.data),
                           train=self._train_section(cfg.train, run, "tokenizer", seed))
             cfg = _cap(with_overrides(cfg, self.cfg.tokenizer), self.cfg.max_steps)  # the user's overrides win
-            cfg, fit = fit_to_data(cfg, self._profile(), self.typed)
-            if fit and not self.announced and self.state.is_main_process:
-                print(f"vqgen: data {fit['message']}", file=sys.stderr)  # once per sweep: every run shares it
+            cfg, fit = fit_to_data(cfg, self.profile, self.typed)
+            if not self.announced:  # once per sweep: every run shares it
+                announce(fit)
                 self.announced = True
             self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists(), data_fit=fit)
         if not (tok / "eval.json").exists():
