@@ -9,15 +9,15 @@ one figure; then ``--steps`` steps, of which the median per-step time is reporte
 cache comes from a 2-step `mnist` tokenizer on 2,048 images, trained once for the whole benchmark.
 """
 import argparse
-import datetime
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import machine_meta, train_step  # benchmarks/ is on the path of a script run from it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,9 +49,7 @@ def worker(cfg):
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            trainer._before_step(step)
-            logs = trainer._step(next(batches), step)
-            float(logs["loss"])  # wait for the step
+            train_step(trainer, batches, step)
             times.append(time.perf_counter() - t0)
             step += 1
         return times
@@ -74,7 +72,6 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))))
         return
     sys.path.insert(0, ROOT)
-    import torch
 
     start, load_start = time.time(), os.getloadavg()[0]
     rows = []
@@ -105,12 +102,7 @@ def main():
             r["speedup"] = eager["median_s"] / r["median_s"]
         if r["precision"] == "bf16" and fp32 and "median_s" in r:
             r["bf16_vs_fp32"] = r["median_s"] / fp32["median_s"]
-    from common.runtime import native_bf16
-
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(),
-                command=shlex.join(["python", *sys.argv]), torch=torch.__version__, threads=torch.get_num_threads(),
-                load_start=load_start, load_end=os.getloadavg()[0], runtime_s=time.time() - start)
+    meta = machine_meta(start, load_start)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)

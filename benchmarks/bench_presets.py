@@ -10,15 +10,15 @@ The timed process runs one step under torch's FLOP counter (not timed) and then 
 column is an estimate: the counted FLOPs at an assumed ``--mfu`` of an H100's dense bf16 rate.
 """
 import argparse
-import datetime
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import machine_meta, train_step  # benchmarks/ is on the path of a script run from it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -54,17 +54,13 @@ def worker(cfg):
     trainer = _trainer(cfg)
     batches = trainer._epoch_iter(0)
 
-    def step(i):
-        trainer._before_step(i)
-        float(trainer._step(next(batches), i)["loss"])  # wait for the step
-
     counter = FlopCounterMode(display=False)
     with counter:
-        step(0)
+        train_step(trainer, batches, 0)
     times = []
     for i in range(1, 1 + cfg["steps"]):
         t0 = time.perf_counter()
-        step(i)
+        train_step(trainer, batches, i)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _high_water()  # the GPU's on a GPU
     return {"batch": trainer.cfg.train.batch_size, "median_s": statistics.median(times) if times else None,
@@ -133,7 +129,6 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))))
         return
     sys.path.insert(0, ROOT)
-    import torch
 
     from stage1_tokenizer.config import load_tokenizer_config
     from stage1_tokenizer.train import train_tokenizer
@@ -168,13 +163,7 @@ def main():
             kept = json.load(f)["results"]
         fresh = {(r["stage"], r["preset"]): r for r in rows}
         rows = [fresh.pop((r["stage"], r["preset"]), r) for r in kept] + list(fresh.values())
-    from common.runtime import native_bf16
-
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(),
-                command=shlex.join(["python", *sys.argv]), torch=torch.__version__, threads=torch.get_num_threads(),
-                load_start=load_start, load_end=os.getloadavg()[0], runtime_s=time.time() - start, mfu=args.mfu,
-                memory_gib=args.memory_gib, measured_rows=args.rows)
+    meta = machine_meta(start, load_start, mfu=args.mfu, memory_gib=args.memory_gib, measured_rows=args.rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
