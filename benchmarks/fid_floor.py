@@ -20,7 +20,7 @@ import torch
 
 from eval.fid import Features, extract_features
 from eval.sample_quality import sample_quality
-from pipelines.sample import DEFAULT_STATS_DIR, dataset_features, dataset_images
+from pipelines.sample import dataset_features, dataset_images
 from stage1_tokenizer.data import build_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--num-images", type=int, default=1000, help="the 'generated' real images")
     ap.add_argument("--refs", default="1000,2000,3000,5000", help="reference counts, comma-separated")
     ap.add_argument("--offset", type=int, default=6000, help="first training image of the 'generated' set")
-    ap.add_argument("--stats-dir", default=str(DEFAULT_STATS_DIR), help="reference features cache")
+    ap.add_argument("--cache-dir", help="FID reference cache (default: this machine's, see `vqgen cache`)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "fid_floor"), help="path without extension")
     args = ap.parse_args()
     refs = sorted(int(r) for r in args.refs.split(","))
@@ -44,7 +44,7 @@ def main():
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), command=shlex.join(["python", *sys.argv]),
                 torch=torch.__version__, threads=torch.get_num_threads(), data=args.data, num_images=args.num_images,
                 offset=args.offset)
-    ref = dataset_features(args.data, args.resolution, args.channels, refs[-1], args.stats_dir)
+    ref = dataset_features(args.data, args.resolution, args.channels, refs[-1], args.cache_dir)
     end = args.offset + args.num_images
     ds = build_dataset(args.data, args.resolution, args.channels, "train", end)
     gen = extract_features(dataset_images(ds, args.offset, end), num_images=args.num_images)

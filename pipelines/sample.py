@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +15,11 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from eval.fid import Features, extract_features
-from eval.fid_reference import reference_features, source_fingerprint
+from eval.fid_cache import reference_features
 from eval.sample_quality import BOOTSTRAP, sample_quality
-from stage1_tokenizer.data import build_dataset
+from stage1_tokenizer.data import build_dataset, content_fingerprint
 
 from .export import SIDECAR
-
-DEFAULT_STATS_DIR = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "fid-stats"
 
 
 def load_pipeline(path: str | Path, device: str | None = None) -> tuple[DiffusionPipeline, dict]:
@@ -88,22 +84,19 @@ def dataset_images(dataset, start: int, stop: int, batch_size: int = 64):
     return images
 
 
-def dataset_features(source: str, resolution: int, channels: int, num_images: int,
-                     stats_dir: str | Path = DEFAULT_STATS_DIR) -> Features:
-    """Cached Inception features of the first ``num_images`` training images as the tokenizer sees them."""
+def dataset_features(source: str, resolution: int, channels: int, num_images: int, cache_dir=None) -> Features:
+    """Inception features of the first ``num_images`` training images as the tokenizer sees them, from this
+    machine's FID cache (``cache_dir`` overrides it) when that content was seen before."""
     dataset = build_dataset(source, resolution, channels, "train", num_images)
     if len(dataset) < num_images:
         raise ValueError(f"{source} has {len(dataset)} training images, {num_images} requested")
-    path = Path(source)
-    content = source_fingerprint(str(path), num_images) if path.is_dir() else source
-    fingerprint = f"{content}|train|{resolution}px|{channels}ch"
-    name = hashlib.sha256(source.encode()).hexdigest()[:10] + "-" + (path.name or "data")
-    return reference_features(dataset_images(dataset, 0, num_images), name, resolution, num_images, stats_dir,
-                              fingerprint=fingerprint)
+    name = Path(source).name or "data"
+    return reference_features(dataset_images(dataset, 0, num_images), name, resolution, num_images, cache_dir,
+                              fingerprint=f"{content_fingerprint(dataset)}|train|{resolution}px|{channels}ch")
 
 
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
-         seed: int = 0, ref_images: int | None = None, stats_dir: str | Path = DEFAULT_STATS_DIR,
+         seed: int = 0, ref_images: int | None = None, cache_dir: str | Path | None = None,
          save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP) -> dict:
     """Generation FID of a pipeline against its training set's cached features, with its bootstrap 95% interval
     (``num_boot`` resamples), KID and its std over subsets, and precision / recall / density / coverage; no images
@@ -116,7 +109,7 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
     vqvae = pipe.vqvae.config
     channels = vqvae.in_channels
     resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution
-    ref = dataset_features(source, resolution, channels, ref_images or num_images, stats_dir)
+    ref = dataset_features(source, resolution, channels, ref_images or num_images, cache_dir)
     kept = []
 
     def generated():

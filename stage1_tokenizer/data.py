@@ -6,6 +6,7 @@ Every dataset yields ``(image, label)`` with ``image`` a float tensor in [-1, 1]
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import random
@@ -241,6 +242,23 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
     if num_images is not None and num_images < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_images))
     return ds
+
+
+def content_fingerprint(ds: Dataset) -> str:
+    """SHA-256 of what ``ds`` holds, in order: its files' bytes, its in-memory images, or else every decoded image
+    (with its resolution and channels): what a cache of features computed from it depends on."""
+    inner, index = (ds.dataset, list(ds.indices)) if isinstance(ds, torch.utils.data.Subset) else (ds, range(len(ds)))
+    h = hashlib.sha256(f"{type(inner).__name__}|{len(index)} images|".encode())
+    if isinstance(inner, ImageFiles):
+        for i in index:
+            h.update(hashlib.sha256(inner.files[i].read_bytes()).digest())
+    elif isinstance(inner, TensorImages):
+        h.update(inner.images[list(index)].numpy().tobytes())
+    else:
+        for i in index:
+            h.update(inner[i][0].numpy().tobytes())
+    h.update(f"|{ds[0][0].shape}".encode())  # the resize and channels the images go through
+    return h.hexdigest()
 
 
 def skipped_files(ds: Dataset) -> list[str]:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from common.atomic import write_atomic
 from eval.codebook import MIN_TOKENS_PER_CODE, distortion_per_bit, perplexity, usage, usage_ceiling
 from eval.fid import extract_features
-from eval.fid_reference import reference_features
+from eval.fid_cache import reference_features
 from eval.lpips_offline import MIN_SIZE, lpips_distance
 from eval.recon import psnr, ssim
 from eval.sample_quality import sample_quality
@@ -58,25 +58,22 @@ def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float |
     return lpips_distance(orig, recon, net)
 
 
-def _rfid(orig: torch.Tensor, recon: torch.Tensor, stats_dir, source: str, suffix: str) -> dict:
-    """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals); with
-    ``stats_dir`` the originals' features are cached there (shared by every run on the same images)."""
-    if stats_dir is None:
-        ref = extract_features(orig)
-    else:
-        ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), stats_dir)
+def _rfid(orig: torch.Tensor, recon: torch.Tensor, cache_dir, source: str, suffix: str) -> dict:
+    """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals); the
+    originals' features come from the FID cache, shared by every run on the same held-out images."""
+    ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), cache_dir)
     q = sample_quality(extract_features(recon), ref)
     return {f"rfid{suffix}": q["fid"], f"rfid_ci{suffix}": q["fid_ci"], f"rkid{suffix}": q["kid"],
             f"rkid_std{suffix}": q["kid_std"]}
 
 
 def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images: int = 1000,
-                       batch_size: int = 64, stats_dir: str | Path | None = None) -> dict:
+                       batch_size: int = 64, cache_dir: str | Path | None = None) -> dict:
     """Write ``eval.json`` and ``eval_recon.png`` into ``run_dir``; returns the metrics.
 
     Data defaults to the run's own dataset, its held-out split. SF-DiVeQ runs are scored both with
     their continuous (projected) inference and in hard mode (``*_hard``), the mode the priors use.
-    ``stats_dir`` caches the originals' Inception statistics, so a sweep extracts them once.
+    ``cache_dir``: the FID cache of the originals' features (default: this machine's).
     """
     run = Path(run_dir)
     cfg, model = load_run(run)
@@ -88,7 +85,7 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
         suffix = "_hard" if hard and len(modes) > 1 else ""
         result.update({
-            **_rfid(orig, recon, stats_dir, source, suffix),
+            **_rfid(orig, recon, cache_dir, source, suffix),
             **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })

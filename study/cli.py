@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from functools import partial
+from pathlib import Path
 
 from stage1_tokenizer.quantizers import QUANTIZERS, valid_options
 
@@ -116,10 +118,10 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_gfid(args) -> int:
-    from pipelines.sample import DEFAULT_STATS_DIR, gfid
+    from pipelines.sample import gfid
 
     result = gfid(args.pipeline_dir, args.data, args.num_images, args.batch_size, args.seed, args.ref_images,
-                  args.stats_dir or DEFAULT_STATS_DIR, args.save_grid)
+                  args.cache_dir, args.save_grid)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -130,6 +132,25 @@ def _cmd_fid(args) -> int:
     workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
     score = fid(args.dir_a, args.dir_b, batch_size=args.batch_size, device=args.device, **workers)
     print(f"{score:.4f}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from eval.fid_cache import cache_entries, clear_cache, default_cache_dir
+
+    where = args.cache_dir or default_cache_dir()
+    if args.action == "clear":
+        removed, busy = clear_cache(where, args.older_than)
+        print(f"removed {len(removed)} entries from {where}" +
+              (f"; {len(busy)} in use by another process were kept" if busy else ""))
+        return 0
+    entries = cache_entries(where)
+    total = sum(e["bytes"] for e in entries)
+    print(f"{where}: {len(entries)} entries, {total / 2**20:.1f} MiB")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        print(f"  {e.get('name', '?'):<24} {e.get('resolution', '?'):>4}px {e.get('num_images', '?'):>7} images "
+              f"{e['bytes'] / 2**20:7.1f} MiB  last used {used}  {Path(e['path']).name}")
     return 0
 
 
@@ -296,9 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--ref-images", type=int, help="training images in the reference statistics (default: --num-images)")
     gf.add_argument("--batch-size", type=int, default=32)
     gf.add_argument("--seed", type=int, default=0)
-    gf.add_argument("--stats-dir", help="reference statistics cache (default $VQGEN_CACHE/fid-stats, ~/.cache/vqgen)")
+    gf.add_argument("--cache-dir", help="FID reference cache (default: this machine's, see `vqgen cache`)")
     gf.add_argument("--save-grid", help="also write a grid of the first 64 samples to this PNG path")
     gf.set_defaults(func=_cmd_gfid)
+    ca = sub.add_parser("cache", help="list or clear this machine's FID reference cache (shared by every run and sweep)")
+    ca.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    ca.add_argument("--older-than", type=float, metavar="DAYS", help="clear: only entries unused for DAYS days")
+    ca.add_argument("--cache-dir", help="another cache folder (default: $VQGEN_CACHE/fid, else "
+                                        "$XDG_CACHE_HOME/vqgen/fid, else ~/.cache/vqgen/fid)")
+    ca.set_defaults(func=_cmd_cache)
     pb = sub.add_parser("publish", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     pb.add_argument("pipeline_dir")
     pb.add_argument("--repo-id", required=True, help="OWNER/NAME")

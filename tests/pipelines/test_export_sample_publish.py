@@ -297,7 +297,7 @@ def test_sample_writes_images_and_gfid_scores_a_pipeline(exported, tmp_path):
     pipe, sidecar = load_pipeline(exported["ldm"])
     out = write_samples(pipe, sidecar, 5, tmp_path / "samples", batch_size=2, seed=1)
     assert len(list(out.glob("0*.png"))) == 5 and (out / "grid.png").exists()
-    result = gfid(exported["gpt"], "shapes", num_images=6, batch_size=3, stats_dir=tmp_path / "stats")
+    result = gfid(exported["gpt"], "shapes", num_images=6, batch_size=3, cache_dir=tmp_path / "stats")
     assert result["gfid"] > 0 and result["num_images"] == 6
     assert list((tmp_path / "stats").glob("*.npz")), "the reference statistics are cached"
     assert not list(tmp_path.glob("*.png"))  # no images written unless asked

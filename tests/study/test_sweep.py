@@ -40,6 +40,7 @@ def test_sweep_runs_end_to_end_survives_a_kill_and_records_a_failure(tmp_path):
     assert "resumed from" in resumed.stderr + resumed.stdout
     assert (out / "vq" / "tokenizer" / "run.json").stat().st_mtime_ns == vq_done, "finished stages are skipped"
     results = json.loads((out / "results.json").read_text())
+    assert "Inception images" in resumed.stderr and "smoke run" in results["not_comparable"].lower()
     for q in ("vq", "diveq"):
         assert results[q]["gpt"]["gfid"]["mean"] > 0 and results[q]["ldm"]["gfid"]["mean"] > 0
         assert results[q]["rfid"]["mean"] > 0
@@ -79,6 +80,26 @@ def test_archived_runs_are_reported_without_rerunning(tmp_path):
         assert generation[kind]["validation_plot"] == f"validation_{kind}.png"
         assert (archive / name / f"validation_{kind}.png").exists()
     assert "val_bits_per_token" in generation["gpt"] and "val_denoising_loss" in generation["ldm"]
+
+
+def test_a_smoke_sweep_caps_its_evaluation_and_says_what_it_costs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import study.sweep as sweep_mod
+
+    full = sweep_mod.SweepConfig(eval_images=300, gfid_images=1000, ref_images=5000)
+    assert full.evaluation_counts() == (300, 1000, 5000) and not full.smoke
+    smoke = replace(full, max_steps=20)
+    assert smoke.smoke and smoke.evaluation_counts() == (100, 100, 100)
+    assert replace(full, max_steps=20, smoke_images=0).evaluation_counts() == (300, 1000, 5000)
+    assert replace(full, max_steps=20, ref_images=None, gfid_images=50).evaluation_counts() == (100, 50, 50)
+    with pytest.raises(ValueError, match="smoke_images"):
+        replace(full, smoke_images=-1)
+    monkeypatch.setattr(sweep_mod, "images_per_second", lambda: 10.0)
+    line = sweep_mod.Sweep(smoke, tmp_path).evaluation_cost(2)
+    # held-out 100 + references 100 once, then 2 runs x (100 reconstructions + 2 priors x 100 samples): 800 at 10/s
+    assert "= 800 Inception images, about 1.3 min" in line and "not comparable" in line
+    assert "not comparable" not in sweep_mod.Sweep(full, tmp_path).evaluation_cost(2)
 
 
 def test_archived_run_names_always_carry_quantizer_k_and_seed():
@@ -181,7 +202,7 @@ def test_shards_split_a_study_and_each_reports_every_archived_run(tmp_path, monk
     monkeypatch.setattr(sweep_mod.Sweep, "prior", lambda self, run, tok, kind, seed: None)
     monkeypatch.setattr(sweep_mod, "archive_run", lambda run, dest: (dest.mkdir(parents=True),
                                                                      (dest / sweep_mod.ARCHIVED).write_text("")))
-    monkeypatch.setattr(sweep_mod, "write_report", lambda done, out, *a: reported.update({out.name: [d.name for d in done]}))
+    monkeypatch.setattr(sweep_mod, "write_report", lambda done, out, *a, **k: reported.update({out.name: [d.name for d in done]}))
     cfg = sweep_mod.SweepConfig(quantizers=["vq", "ema", "simvq"], num_codes=[8, 16], seeds=[0],
                                 archive=str(tmp_path / "archive"))
     names = [name for name, *_ in cfg.runs()]

@@ -1,0 +1,30 @@
+"""Data sources' content fingerprints: what a cache of features computed from them depends on."""
+from __future__ import annotations
+
+from stage1_tokenizer.data import build_dataset, content_fingerprint
+from tests.stage1_tokenizer.test_data_fit import _folder
+
+
+def test_a_folders_fingerprint_follows_the_selected_images_and_their_preprocessing(tmp_path):
+    _folder(tmp_path / "set" / "train", 4, (16, 16), True)
+    _folder(tmp_path / "set" / "test", 2, (16, 16), True, start=50)
+    fp = content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 3, "train", 3))
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 3, "train", 3)) == fp
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 3, "train", 4)) != fp  # another selection
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 32, 3, "train", 3)) != fp  # another resize
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 1, "train", 3)) != fp  # grey
+    _folder(tmp_path / "set" / "test", 2, (16, 16), True, start=70)  # held-out images: not in the selection
+    _folder(tmp_path / "set" / "train", 1, (16, 16), True, start=3)  # the fourth training image: not selected
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 3, "train", 3)) == fp
+    _folder(tmp_path / "set" / "train", 1, (16, 16), True, start=1)  # the second one rewritten with other pixels
+    assert content_fingerprint(build_dataset(str(tmp_path / "set"), 16, 3, "train", 3)) != fp
+
+
+def test_in_memory_and_procedural_sources_fingerprint_their_images():
+    mnist = content_fingerprint(build_dataset("mnist", 32, 1, "train", 100))
+    assert mnist == content_fingerprint(build_dataset("mnist", 32, 1, "train", 100))
+    assert mnist != content_fingerprint(build_dataset("mnist", 32, 1, "test", 100))
+    assert mnist != content_fingerprint(build_dataset("mnist", 28, 1, "train", 100))
+    shapes = content_fingerprint(build_dataset("shapes", 16, 3, "train", 20))
+    assert shapes != content_fingerprint(build_dataset("shapes", 16, 3, "test", 20))
+    assert shapes != content_fingerprint(build_dataset("shapes", 16, 3, "train", 21))
