@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_threads.py
 	$(PY) benchmarks/bench_compile.py
 	$(PY) benchmarks/bench_presets.py
+	$(PY) benchmarks/bench_profile.py
 
 clean:
 	rm -rf $(VENV) runs

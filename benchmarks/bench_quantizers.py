@@ -38,6 +38,7 @@ import sys
 import time
 
 import torch
+from harness import SQUARE, square_matmul  # benchmarks/ is on the path of a script run from it
 
 B, H, W = 16, 32, 32  # N = 16,384 latents
 VARIANTS = ["bound", "vq", "ns-vq", "ns-vq-floor", "diveq", "simvq", "transvq", "transvq-floor", "rotation", "vqp"]
@@ -139,16 +140,6 @@ def timed(step, grads, sync):
     step()
     sync()
     return time.perf_counter() - t0
-
-
-SQUARE = 2048  # the square fp32 matmul that measures this machine's matmul rate, in the same process
-
-
-def square_matmul(device):
-    """A closure doing one SQUARE x SQUARE fp32 matmul (2 SQUARE^3 FLOPs), for the matmul-limit column."""
-    a, b = torch.randn(SQUARE, SQUARE, device=device), torch.randn(SQUARE, SQUARE, device=device)
-    out = torch.empty(SQUARE, SQUARE, device=device)
-    return lambda: torch.mm(a, b, out=out)
 
 
 def worker(cfg):

@@ -1,4 +1,4 @@
-"""What the training-step benchmarks share: one waited-for step of a trainer, and the run's machine metadata."""
+"""What the benchmarks share: one waited-for step of a trainer, this machine's matmul rate, the run's metadata."""
 import datetime
 import os
 import shlex
@@ -23,3 +23,31 @@ def machine_meta(start: float, load_start: float, **extra) -> dict:
             "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "load_start": load_start, "load_end": os.getloadavg()[0],
             "runtime_s": time.time() - start, **extra}
+
+
+SQUARE = 2048  # the square matmul that measures this machine's matmul rate, in the same process as what it judges
+
+
+def square_matmul(device, dtype=None):
+    """A closure doing one SQUARE x SQUARE matmul (2 SQUARE^3 FLOPs) in ``dtype`` (default fp32)."""
+    import torch
+
+    a, b = (torch.randn(SQUARE, SQUARE, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(SQUARE, SQUARE, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def matmul_gflops(device="cpu", dtype=None, repeats: int = 5) -> float:
+    """The best rate of ``repeats`` square matmuls after a warm-up, in GFLOP/s."""
+    import torch
+
+    step = square_matmul(device, dtype)
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * SQUARE**3 / min(times) / 1e9

@@ -18,6 +18,7 @@ from eval.fid import Features, extract_features
 from eval.fid_cache import reference_features
 from eval.sample_quality import BOOTSTRAP, sample_quality
 from stage1_tokenizer.data import build_dataset, content_fingerprint
+from stage2_prior.attention import fit_attention
 
 from .export import SIDECAR
 
@@ -30,7 +31,11 @@ def load_pipeline(path: str | Path, device: str | None = None) -> tuple[Diffusio
         raise ValueError(f"{path} is not a pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    for name in ("transformer", "unet"):  # the attention kernel for this device, as the trainers use
+        if getattr(pipe, name, None) is not None:
+            fit_attention(getattr(pipe, name), device)
     sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
     return pipe, sidecar
 

@@ -84,17 +84,21 @@ def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TensorImages(Dataset):
-    """uint8 images held in memory."""
+    """uint8 images held in memory; without random crops they are transformed once, as one batch (the same numbers
+    as image by image), so loading a batch is indexing, not resizing, on the training step's critical path."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resolution: int, channels: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resolution: int, channels: int,
+                 random_crop: bool = False):
         self.images, self.labels, self.channels = images, labels, channels
-        self.transform = image_transform(resolution)
+        self.transform = image_transform(resolution, random_crop)
+        self.ready = None if random_crop else self.transform(images)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        return match_channels(self.transform(self.images[i]), self.channels), int(self.labels[i])
+        x = self.transform(self.images[i]) if self.ready is None else self.ready[i]
+        return match_channels(x, self.channels), int(self.labels[i])
 
 
 class Shapes(Dataset):
@@ -221,7 +225,7 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "mnist":
         x, y = load_mnist(split)
-        ds: Dataset = TensorImages(x, y, resolution, channels)
+        ds: Dataset = TensorImages(x, y, resolution, channels, random_crop)
     elif source == "shapes":
         ds = Shapes(num_images or 4096, resolution, channels, seed=0 if split == "train" else 10_000_000)
     elif source.startswith("hf:"):
@@ -237,7 +241,7 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         ds = ImageFiles(files, resolution, channels)
         if len(ds) == 0:
             raise ValueError(f"no readable images under {root} for split {split!r} ({len(ds.skipped)} unreadable)")
-    if random_crop:
+    if random_crop and not isinstance(ds, TensorImages):
         ds.transform = image_transform(resolution, random_crop=True)
     if num_images is not None and num_images < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_images))

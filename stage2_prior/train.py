@@ -27,6 +27,7 @@ from common.loop import TrainLoop
 from common.plots import plot_validation
 from stage1_tokenizer.train import load_run
 
+from .attention import fit_attention
 from .codes import load_codes
 from .config import PriorConfig, default_top_k
 from .gpt import build_gpt, p_keep_at, training_pair
@@ -178,7 +179,7 @@ class GPTTrainer(PriorTrainer):
                 raise ValueError("gpt.class_conditional needs labelled data; this tokenizer's dataset has no labels")
         self.seq_len = seq.shape[1]
         self.top_k = min(cfg.sample.top_k or default_top_k(codes.num_codes), codes.num_codes)
-        model = build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes)
+        model = fit_attention(build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes), self.acc.device)
         model.generation_config = generation_config(codes.num_codes, model.config.vocab_size, self.top_k,
                                                     cfg.sample.temperature)
         return model, (seq, codes.labels)
@@ -250,7 +251,7 @@ class LDMTrainer(PriorTrainer):
         _, channels, h, w = latents.shape
         if h != w:
             raise ValueError(f"the LDM needs square latent grids, got {h}x{w}")
-        unet = build_unet(self.cfg.ldm, channels, h)
+        unet = fit_attention(build_unet(self.cfg.ldm, channels, h), self.acc.device)
         self.noise_scheduler = build_noise_scheduler(self.cfg.ldm)
         self.ema = EMAModel(unet.parameters(), decay=self.cfg.ldm.ema_decay, model_cls=type(unet),
                             model_config=unet.config)

@@ -1,6 +1,8 @@
 """Data sources' content fingerprints: what a cache of features computed from them depends on."""
 from __future__ import annotations
 
+import torch
+
 from stage1_tokenizer.data import build_dataset, content_fingerprint
 from tests.stage1_tokenizer.test_data_fit import _folder
 
@@ -28,3 +30,18 @@ def test_in_memory_and_procedural_sources_fingerprint_their_images():
     shapes = content_fingerprint(build_dataset("shapes", 16, 3, "train", 20))
     assert shapes != content_fingerprint(build_dataset("shapes", 16, 3, "test", 20))
     assert shapes != content_fingerprint(build_dataset("shapes", 16, 3, "train", 21))
+
+
+def test_mnist_transformed_once_equals_the_transform_image_by_image():
+    """The in-memory set's one batched transform against torchvision's transform of each image alone."""
+    from stage1_tokenizer.data import image_transform, load_mnist, match_channels
+
+    x, y = load_mnist("test")
+    per_image = image_transform(32)
+    for channels in (1, 3):
+        ds = build_dataset("mnist", 32, channels, "test")
+        for i in (0, 17, len(x) - 1):
+            image, label = ds[i]
+            assert torch.equal(image, match_channels(per_image(x[i]), channels)) and label == int(y[i])
+    crops = build_dataset("mnist", 32, 1, "test", random_crop=True)
+    assert not torch.equal(crops[0][0], crops[0][0]), "random crops are drawn per access, not precomputed"
