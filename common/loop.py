@@ -127,14 +127,13 @@ class TrainLoop(abc.ABC):
             raise ValueError("set train.max_steps or train.epochs")
 
     def _resume_or_begin(self, resume: bool) -> None:
-        latest = self.ckpt.latest() if resume else None
+        latest = self._load_latest_good() if resume else None
         if latest is None:
             if resume:
                 logger.warning("no complete checkpoint in %s; starting from scratch", self.ckpt.root)
             if self.acc.is_main_process:
                 save_config(self.cfg, self.out / "config.yaml")
         else:
-            self.acc.load_state(str(latest))
             self.acc.print(f"resumed from {latest} at step {self.state.step}")
         if self.acc.is_main_process:  # no lines past the restored step; a restart from scratch keeps none
             self.metrics.truncate_after(self.state.step)
@@ -142,6 +141,24 @@ class TrainLoop(abc.ABC):
             name = self.cfg.train.run_name or self.out.resolve().name
             self.acc.init_trackers(name, config=flat_config(to_dict(self.cfg)),
                                    init_kwargs=tracker_kwargs(self.trackers, name, self.out, self.state.step))
+
+    def _load_latest_good(self) -> Path | None:
+        """Load the newest checkpoint that loads: one that fails (truncated or corrupt files) is named in one line
+        and the one before it tried (the next save of that step replaces the bad one); if none loads, the first
+        failure is raised, so a broken resume never silently becomes a fresh start."""
+        first_error = None
+        for path in reversed(self.ckpt.complete()):
+            try:
+                self.acc.load_state(str(path))
+                return path
+            except Exception as e:  # safetensors, torch.load and zip raise many types for damaged files
+                first_error = first_error or e
+                logger.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path,
+                               type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        if first_error is not None:
+            raise RuntimeError(f"no checkpoint in {self.ckpt.root} loads (the newest failed with "
+                               f"{type(first_error).__name__}: {first_error})") from first_error
+        return None
 
     def _watch_finite(self, loss: torch.Tensor, step: int) -> None:
         """Note on the device whether this step's loss is finite; :meth:`_raise_if_diverged` reads it."""

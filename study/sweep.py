@@ -19,7 +19,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from common.atomic import write_atomic
+from common.atomic import read_json, write_atomic
 from common.config_loader import load_config, presets, save_config, with_overrides
 from common.runtime import process_state
 from common.tracking import trackers_for
@@ -125,7 +125,7 @@ def load_sweep_config(preset: str = "demo", overrides: list[str] | None = None) 
 
 def _finished(run_dir: Path) -> bool:
     path = run_dir / "run.json"
-    return path.exists() and json.loads(path.read_text()).get("status") == "finished"
+    return (read_json(path) or {}).get("status") == "finished"
 
 
 def _cap(cfg, max_steps: int | None):
@@ -200,7 +200,7 @@ class Sweep:
         result = fn(*args, **kwargs)
         if self.state.is_main_process:
             path = run / "timings.json"
-            timings = json.loads(path.read_text()) if path.exists() else {}
+            timings = read_json(path, {})
             timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
             write_atomic(path, json.dumps(timings, indent=2))
         return result
@@ -231,7 +231,7 @@ class Sweep:
                 announce(fit)
                 self.announced = True
             self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists(), data_fit=fit)
-        if not (tok / "eval.json").exists():
+        if read_json(tok / "eval.json") is None:
             self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok,
                             num_images=self.cfg.evaluation_counts()[0])
         return tok  # the code cache is built by the first prior's trainer (on the main process)
@@ -256,7 +256,7 @@ class Sweep:
             shutil.rmtree(pipe_dir, ignore_errors=True)
             tmp.rename(pipe_dir)
         gen_path = tok / "generation.json"
-        generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        generation = read_json(gen_path, {})
         if kind in generation:
             return
         _, samples, refs = self.cfg.evaluation_counts()

@@ -88,3 +88,36 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume_and_named(tmp_p
     log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not a JSON record"):
         log.read()
+
+
+def test_a_result_cut_short_is_named_and_its_stage_redone(tmp_path, monkeypatch, caplog):
+    """A truncated ``eval.json`` (or ``run.json``) found on resume is not trusted: the sweep says which file and
+    runs the stage that writes it again; an intact one skips the stage."""
+    import study.sweep as sweep_mod
+
+    calls = []
+
+    def train(cfg, out, resume=False, data_fit=None):
+        calls.append(("train", resume))
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "run.json", json.dumps({"status": "finished"}))
+
+    def evaluate(run, num_images):
+        calls.append(("evaluate", num_images))
+        write_atomic(run / "eval.json", json.dumps({"rfid": 1.0}))
+
+    monkeypatch.setattr(sweep_mod, "train_tokenizer", train)
+    monkeypatch.setattr(sweep_mod, "evaluate_tokenizer", evaluate)
+    sweep = Sweep(SweepConfig(quantizers=["vq"], data="shapes", eval_images=8), tmp_path)
+    run = tmp_path / "vq"
+    tok = sweep.tokenizer(run, "vq", None, 0)
+    assert calls == [("train", False), ("evaluate", 8)]
+    sweep.tokenizer(run, "vq", None, 0)
+    assert len(calls) == 2, "finished stages are skipped"
+    (tok / "eval.json").write_text('{"rfid": 1.')
+    (tok / "run.json").write_text('{"stat')
+    with caplog.at_level("WARNING"):
+        sweep.tokenizer(run, "vq", None, 0)
+    assert calls[2:] == [("train", False), ("evaluate", 8)]
+    assert "eval.json is unreadable" in caplog.text and "run.json is unreadable" in caplog.text
+    assert json.loads((tok / "eval.json").read_text()) == {"rfid": 1.0}

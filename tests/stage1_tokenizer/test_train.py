@@ -68,6 +68,33 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicated steps after the restart
 
 
+def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_path, caplog):
+    """A checkpoint whose weights were cut short (a disk that filled, a copy interrupted) is named in one line and
+    the run resumes from the one before, to the uninterrupted weights; with none loadable the error is raised
+    instead of a silent fresh start."""
+    cfg = lambda: small_config("train.max_steps=6", "train.checkpoint_every=2", "data.num_images=32",  # noqa: E731
+                               "train.batch_size=8", "train.sample_every=1000")
+    train_tokenizer(cfg(), tmp_path / "straight")
+    run = tmp_path / "run"
+    TokenizerTrainer(cfg(), run).train(max_steps=4)
+
+    def damage(step: int) -> None:
+        weights = run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    damage(4)
+    with caplog.at_level("WARNING"):
+        train_tokenizer(cfg(), run, resume=True)
+    assert "step-00000004 is unreadable" in caplog.text
+    weights, reference = _final_weights(run), _final_weights(tmp_path / "straight")
+    for k in reference:
+        torch.testing.assert_close(weights[k], reference[k], rtol=0, atol=1e-6, msg=f"{k} differs after resume")
+    for step in (4, 6):  # the two kept checkpoints, both damaged
+        damage(step)
+    with pytest.raises(RuntimeError, match="no checkpoint in .* loads"):
+        train_tokenizer(cfg(), run, resume=True)
+
+
 STOP_RUN = ["train.max_steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=1", "data.num_images=64",
             "train.batch_size=8", "train.sample_every=1000", "quantizer.num_codes=8",
             "quantizer.options={warmup: 4, init_batches: 3}"]
