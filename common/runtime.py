@@ -1,6 +1,7 @@
 """Run machinery shared by every training stage: atomic checkpoints, metrics log, seeded data order."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -139,7 +140,13 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except Exception as e:
+            error = self._disk_error(e, tmp)
+            if error is e:
+                raise
+            raise error from e
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / COMPLETE).write_text(str(step))
@@ -149,6 +156,22 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
+
+
+    def _disk_error(self, e: Exception, tmp: Path) -> Exception:
+        """The failed save's partial folder removed; the error carries the size a checkpoint needs (the last
+        one's). torch and safetensors report a full disk as their own errors: with less free space than that
+        size, it is raised as the OSError it is."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        needed = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest else None
+        if not isinstance(e, OSError):
+            if needed is None or shutil.disk_usage(self.root).free >= needed:
+                return e
+            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        e.filename = e.filename or str(tmp)
+        e.needed_bytes = needed
+        return e
 
 
 class MetricsLog:

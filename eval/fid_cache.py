@@ -117,10 +117,16 @@ def cached_features(source: Source, name: str, resolution: int, num_images: int,
         meta = {"name": name, "resolution": resolution, "num_images": stats.num_images, "protocol": PROTOCOL,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            # the features only: their statistics take a fraction of a second, a 2048^2 covariance 32 MiB
-            np.savez(f, key=key, features=features.array, meta=json.dumps(meta))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                # the features only: their statistics take a fraction of a second, a 2048^2 covariance 32 MiB
+                np.savez(f, key=key, features=features.array, meta=json.dumps(meta))
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                e.needed_bytes, e.filename = features.array.nbytes, e.filename or str(path)
+            raise
     return stats, features
 
 

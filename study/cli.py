@@ -426,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad user input: one clear line, no traceback
         print(f"vqgen: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or an unwritable folder: one line saying what, where and how much
+        from common.atomic import disk_error_line
+
+        if (line := disk_error_line(e)) is None:
+            raise
+        print(f"\nvqgen: error: {line}", file=sys.stderr)  # on its own line after a progress bar cut short
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from common.atomic import read_json, write_atomic
+from common.atomic import disk_error_line, read_json, write_atomic
 from common.config_loader import load_config, presets, save_config, with_overrides
 from common.runtime import process_state
 from common.tracking import trackers_for
@@ -318,6 +318,8 @@ class Sweep:
                 for kind in self.cfg.priors:
                     self.prior(run, tok, kind, seed)
             except Exception as e:  # one variant failing must not stop the others; the report names it
+                if disk_error_line(e) is not None:  # but a full disk or an unwritable folder stops them all
+                    raise
                 failures[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 logger.error("sweep run %s failed: %s", name, failures[name])
                 if self.state.is_main_process:

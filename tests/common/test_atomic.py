@@ -1,5 +1,7 @@
 """Files a later stage or a resume trusts are written whole or not at all: a failure mid-write keeps the old file."""
+import errno
 import json
+import os
 
 import pytest
 
@@ -121,3 +123,67 @@ def test_a_result_cut_short_is_named_and_its_stage_redone(tmp_path, monkeypatch,
     assert calls[2:] == [("train", False), ("evaluate", 8)]
     assert "eval.json is unreadable" in caplog.text and "run.json is unreadable" in caplog.text
     assert json.loads((tok / "eval.json").read_text()) == {"rfid": 1.0}
+
+
+def _train_cli(out, *extra):
+    from tests.helpers import SMALL
+
+    return ["train-tokenizer", "--quantizer", "vq", "--data", "shapes", "--preset", "tiny", "--output-dir", str(out),
+            "--max-steps", "4", *SMALL, "data.num_images=32", "train.checkpoint_every=2", *extra]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_full_disk_or_unwritable_folder_stops_with_one_line_and_the_same_command_resumes(tmp_path, monkeypatch,
+                                                                                          capsys, code):
+    """The checkpoint writer fails (as accelerate's save_state does on a full disk): one line names the error,
+    the file, the space a checkpoint needs and what is free; the earlier checkpoint stays, no partial folder is
+    left, and the same command resumes from it once the disk has room."""
+    from accelerate import Accelerator
+
+    from study.cli import main
+
+    save_state, saves = Accelerator.save_state, []
+
+    def fails_second(self, output_dir=None, **kw):
+        saves.append(output_dir)
+        if len(saves) == 2:
+            raise OSError(code, os.strerror(code), os.path.join(output_dir, "model.safetensors"))
+        return save_state(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", fails_second)
+    assert main(_train_cli(tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"vqgen: error: {os.strerror(code)} writing ") and "model.safetensors" in err
+    assert "run the same command again" in err
+    assert ("MiB free there" in err) == (code == errno.ENOSPC) and "needed about" in err
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000002"], checkpoints
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert main([*_train_cli(tmp_path / "run"), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_full_disk_at_a_small_file_names_it(tmp_path, capsys, failing_disk):
+    """``write_atomic`` (configs, eval.json, run.json, reports) reports its file and size."""
+    from study.cli import main
+
+    failing_disk()
+    assert main(_train_cli(tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device writing" in err and "config.yaml" in err and "MiB free there" in err
+
+
+def test_a_sweep_stops_at_a_full_disk_instead_of_failing_every_run(tmp_path, monkeypatch):
+    import study.sweep as sweep_mod
+
+    tried = []
+
+    def tokenizer(self, run, q, k, seed):
+        tried.append(q)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "eval.json"))
+    monkeypatch.setattr(sweep_mod.Sweep, "tokenizer", tokenizer)
+    monkeypatch.setattr(sweep_mod, "images_per_second", lambda: 10.0)
+    with pytest.raises(OSError, match="No space"):
+        Sweep(SweepConfig(quantizers=["vq", "diveq"], data="shapes"), tmp_path / "sweep").run()
+    assert tried == ["vq"], "the sweep stops at a full disk instead of trying every run"

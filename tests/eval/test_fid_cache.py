@@ -1,6 +1,7 @@
 """The machine's FID cache: keyed by content, shared by folders and processes, listed and cleared."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.atomic import disk_error_line
 from eval import fid_cache
 from eval.fid import Features
 from eval.fid_cache import cache_entries, clear_cache, reference_features, reference_stats, source_fingerprint
@@ -60,13 +62,22 @@ def test_a_truncated_entry_is_named_and_recomputed(fake_extractor, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def test_a_kill_while_writing_leaves_no_entry(fake_extractor, tmp_path, monkeypatch):
+def test_a_kill_or_a_full_disk_while_writing_leaves_no_entry(fake_extractor, tmp_path, monkeypatch):
     def dies(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(fid_cache.np, "savez", dies)
     with pytest.raises(KeyboardInterrupt):
         reference_stats(waves(3, 0), "toy", 32, 3, tmp_path)
-    assert cache_entries(tmp_path) == []
+    assert cache_entries(tmp_path) == [] and not list(tmp_path.glob(".*.tmp"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(fid_cache.np, "savez", full)
+    with pytest.raises(OSError) as caught:
+        reference_stats(waves(3, 0), "toy", 32, 3, tmp_path)
+    line = disk_error_line(caught.value)
+    assert "No space left on device writing" in line and ".npz" in line and "needed about" in line
+    assert cache_entries(tmp_path) == [] and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_processes_sharing_the_cache_compute_each_entry_once(fake_extractor, tmp_path, monkeypatch):
