@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from accelerate.utils import broadcast_object_list
 
 from common.atomic import disk_error_line, read_json, write_atomic
 from common.config_loader import load_config, presets, save_config, with_overrides
+from common.run_lock import LEASE_S, RunLock
 from common.runtime import process_state
 from common.tracking import trackers_for
 from eval.fid import images_per_second
@@ -136,6 +138,8 @@ def _cap(cfg, max_steps: int | None):
 
 
 ARCHIVED = "ARCHIVED"
+LOCK_FILE = ".lock"  # in each run's folder while a process trains it (common/run_lock.py)
+POLL_S = 15.0  # how often a sweep with only runs held elsewhere left looks at them again
 ARCHIVE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "eval_recon.png", "run.json")
 
 
@@ -174,6 +178,8 @@ class Sweep:
             raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
         self.cfg, self.out, self.shard = cfg, Path(out), shard
         self.typed = typed_fields(cfg.tokenizer, keep_shape)
+        self.lease_s, self.poll_s = LEASE_S, POLL_S
+        self._announced_waits = []
         self.announced = False
         self.state = process_state()
 
@@ -276,6 +282,19 @@ class Sweep:
         generation[kind] = result
         write_atomic(gen_path, json.dumps(generation, indent=2))
 
+    def _say(self, line: str) -> None:
+        if self.state.is_main_process:
+            print(line, file=sys.stderr, flush=True)
+
+    def _claim(self, run: Path) -> RunLock | None:
+        """This run's lock (taken by the main process, the decision shared with the others), or None while
+        another live process holds it."""
+        lock = RunLock(run / LOCK_FILE, self.lease_s)
+        held = [lock.acquire() if self.state.is_main_process else None]
+        if self.state.num_processes > 1:
+            broadcast_object_list(held)
+        return lock if held[0] else None
+
     def evaluation_cost(self, runs: int) -> str:
         """One line: how many Inception images the evaluation of ``runs`` runs needs and about how long that takes
         at the rate measured now, so nobody waits on reference features unawares."""
@@ -305,15 +324,37 @@ class Sweep:
         last_error, repeats, stopped = None, 0, None  # repeats: runs in a row that failed with last_error
         start = time.time()
         index, count = self.shard
+        pending, waiting = deque(), []  # this shard's runs; those another process holds, retried once ours are done
         for position, (name, quantizer, num_codes, seed) in enumerate(self.cfg.runs()):
-            run = self.out / name
             archived = Path(self.cfg.archive) / name if self.cfg.archive else None
             if archived is not None and (archived / ARCHIVED).exists():
                 done[name] = archived
+            elif position % count == index:  # another shard's runs are reported above once archived
+                pending.append((name, quantizer, num_codes, seed))
+        while pending or waiting:
+            if not pending:  # every free run is done: wait for those held elsewhere (or take over a gone holder's)
+                self._say(f"waiting for {len(waiting)} run(s) held by other processes: "
+                          f"{', '.join(w[0] for w in waiting)}")
+                time.sleep(self.poll_s)
+                pending.extend(waiting)
+                waiting = []
                 continue
-            if position % count != index:  # another shard's run (reported above once archived)
+            name, quantizer, num_codes, seed = item = pending.popleft()
+            run = self.out / name
+            archived = Path(self.cfg.archive) / name if self.cfg.archive else None
+            lock = self._claim(run)
+            if lock is None:
+                if item not in self._announced_waits:
+                    self._say(f"run {name} is being trained by another process; moving on to the next free run")
+                    self._announced_waits.append(item)
+                waiting.append(item)
                 continue
             try:
+                error_file = run / "error.txt"
+                if item in self._announced_waits and error_file.exists() and error_file.stat().st_mtime >= start:
+                    # it failed in the process that held it: recorded, not trained a second time
+                    failures[name] = "failed in another process: " + error_file.read_text().strip().splitlines()[-1][:300]
+                    continue
                 tok = self.tokenizer(run, quantizer, num_codes, seed)
                 for kind in self.cfg.priors:
                     self.prior(run, tok, kind, seed)
@@ -324,7 +365,7 @@ class Sweep:
                 logger.error("sweep run %s failed: %s", name, failures[name])
                 if self.state.is_main_process:
                     run.mkdir(parents=True, exist_ok=True)
-                    (run / "error.txt").write_text(traceback.format_exc())
+                    error_file.write_text(traceback.format_exc())
                 error = failures[name].replace(name, "<run>")  # the same cause names each run's own folder
                 repeats, last_error = (repeats + 1 if error == last_error else 1), error
                 if repeats == self.cfg.stop_after_failures:
@@ -333,11 +374,14 @@ class Sweep:
                     logger.error("sweep %s", stopped)
                     break
                 continue
-            last_error, repeats = None, 0
-            (run / "error.txt").unlink(missing_ok=True)
-            if archived is not None and self.state.is_main_process:
-                archive_run(run, archived)
-            done[name] = archived if archived is not None else run / "tokenizer"
+            else:
+                last_error, repeats = None, 0
+                error_file.unlink(missing_ok=True)
+                if archived is not None and self.state.is_main_process:
+                    archive_run(run, archived)
+                done[name] = archived if archived is not None else run / "tokenizer"
+            finally:
+                lock.release()
         seconds = time.time() - start
         if self.state.is_main_process:
             held_out, samples, refs = self.cfg.evaluation_counts()
