@@ -1,4 +1,5 @@
-"""FID under clean-fid's "clean" protocol, offline: PIL bicubic float resize to 299, then the TF Inception pool3.
+"""FID under clean-fid's protocols, offline: a resize to 299 (``clean`` by default: PIL bicubic on floats; the
+legacy TensorFlow and PyTorch ones in ``fid_modes``), then the TF Inception pool3.
 
 An image source is a folder (the files clean-fid would read, recursively, sorted), an in-memory batch
 (N, 3|1, H, W) uint8 or float in [0, 1], or a generator function yielding such batches, so a pipeline can be
@@ -14,14 +15,15 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
-from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .fid_modes import resizer
 from .images import check_images, to_rgb
 from .inception import load_inception
 
@@ -32,7 +34,6 @@ GPU_BATCH_SIZE = 64
 NUM_WORKERS = 0
 NUM_THREADS = None  # torch intra-op threads while extracting; None keeps torch's setting
 IMAGE_EXTENSIONS = sorted(EXTENSIONS - {"npy"})
-RESIZE = build_resizer("clean")  # (H, W, 3) in [0, 255] -> (299, 299, 3) float32, per-channel PIL bicubic
 
 Source = str | os.PathLike | torch.Tensor | Callable[[], Iterable[torch.Tensor]]
 
@@ -78,18 +79,18 @@ def image_files(folder) -> list[str]:
     return files
 
 
-def read_resized(path: str):
-    """(image file decoded to RGB and resized, None), or (None, reason) for a file PIL cannot decode."""
+def read_resized(path: str, resize):
+    """(image file decoded to RGB and ``resize``d, None), or (None, reason) for a file PIL cannot decode."""
     try:
         with Image.open(path) as im:
             x = np.asarray(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return None, f"{path} ({e})"
-    return RESIZE(x), None
+    return resize(x), None
 
 
-def _resize(x: np.ndarray):
-    return RESIZE(x), None
+def _resize(x: np.ndarray, resize):
+    return resize(x), None
 
 
 def _as_hwc255(batch, name: str) -> list[np.ndarray]:
@@ -111,29 +112,32 @@ def _chunked(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _plan(source: Source, num_images: int | None, batch_size: int):
-    """(chunks of batch_size items, function loading one item, number of items or None, label) for a source.
+def _plan(source: Source, num_images: int | None, batch_size: int, mode: str = "clean"):
+    """(chunks of batch_size items, function loading one item, number of items or None, label) for a source,
+    resized by the FID ``mode``'s protocol.
 
     A generator's batches are re-cut to ``batch_size``, so small batches still make full forward passes.
     """
+    resize = resizer(mode)
+    load = partial(_resize, resize=resize)
     if isinstance(source, (str, os.PathLike)):
         files = image_files(source)
         if num_images is not None and len(files) < num_images:
             raise ValueError(f"{source} has {len(files)} images, {num_images} requested")
         files = files[:num_images]
         label = os.path.basename(os.path.normpath(source))
-        return _chunked(iter(files), batch_size), read_resized, len(files), label
+        return _chunked(iter(files), batch_size), partial(read_resized, resize=resize), len(files), label
     if isinstance(source, (torch.Tensor, np.ndarray)):
         x = check_images(source)
         if num_images is not None and len(x) < num_images:
             raise ValueError(f"batch has {len(x)} images, {num_images} requested")
         x = x[:num_images]
         items = (im for i in range(0, len(x), batch_size) for im in _as_hwc255(x[i:i + batch_size], "images"))
-        return _chunked(items, batch_size), _resize, len(x), "tensor"
+        return _chunked(items, batch_size), load, len(x), "tensor"
     if callable(source):
         items = (im for k, b in enumerate(source()) for im in _as_hwc255(b, f"batch {k}"))
         label = getattr(source, "__name__", "generator")
-        return _chunked(itertools.islice(items, num_images), batch_size), _resize, num_images, label
+        return _chunked(itertools.islice(items, num_images), batch_size), load, num_images, label
     raise TypeError(f"an image source is a folder, an (N, C, H, W) batch or a generator function, got {type(source)}")
 
 
@@ -158,8 +162,9 @@ def _loaded(chunks: Iterator[list], load, num_workers: int) -> Iterator[list]:
 
 def extract_features(source: Source, num_images: int | None = None, batch_size: int | None = None,
                      num_workers: int = NUM_WORKERS, num_threads: int | None = NUM_THREADS, device: str | None = None,
-                     progress: bool = True) -> Features:
-    """Inception features of the first ``num_images`` images of ``source`` (all if None).
+                     progress: bool = True, mode: str = "clean") -> Features:
+    """Inception features of the first ``num_images`` images of ``source`` (all if None), under the FID
+    protocol ``mode`` (``eval.fid_modes``: clean, legacy_tensorflow, legacy_pytorch).
 
     ``batch_size`` None takes :func:`default_batch_size` of the device; ``num_workers`` threads decode and resize
     (0: the main thread does); ``num_threads`` sets torch's intra-op
@@ -171,8 +176,8 @@ def extract_features(source: Source, num_images: int | None = None, batch_size: 
     if batch_size < 1 or num_workers < 0 or (num_threads is not None and num_threads < 1):
         raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_threads >= 1 or None; "
                          f"got {batch_size}, {num_workers}, {num_threads}")
+    chunks, load, total, label = _plan(source, num_images, batch_size, mode)  # an unknown mode fails here
     model = load_inception(str(device))
-    chunks, load, total, label = _plan(source, num_images, batch_size)
     feats, skipped = [], []
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads or threads_before)

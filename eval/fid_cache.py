@@ -1,6 +1,6 @@
 """FID reference features computed once per machine: a cache keyed by everything that determines them.
 
-An entry's key is the SHA-256 of the protocol (clean-fid's ``clean`` resize), the Inception weights' SHA-1, the
+An entry's key is the SHA-256 of the FID protocol (``clean`` or a legacy mode), the Inception weights' SHA-1, the
 number of images, the resolution and the content of exactly those images (tensor bytes, file bytes, or a
 fingerprint the caller derives from them, naming its preprocessing). Two output folders, or two copies of the
 same images, share an entry; a changed image gives another key and so another entry. Entries live in
@@ -29,7 +29,6 @@ from .fid import Features, Source, Stats, extract_features, image_files
 from .images import check_images
 from .inception import WEIGHTS_SHA1
 
-PROTOCOL = "clean-fid clean"
 SUFFIX = ".npz"
 
 
@@ -58,9 +57,9 @@ def source_fingerprint(source: Source, num_images: int, given: str | None = None
     return h.hexdigest()
 
 
-def cache_key(content: str, resolution: int, num_images: int) -> str:
-    """The entry's key: protocol, network, image count, resolution and content."""
-    text = f"{PROTOCOL}|inception sha1 {WEIGHTS_SHA1}|{num_images} images|{resolution}px|{content}"
+def cache_key(content: str, resolution: int, num_images: int, mode: str = "clean") -> str:
+    """The entry's key: FID protocol, network, image count, resolution and content (modes never share one)."""
+    text = f"clean-fid {mode}|inception sha1 {WEIGHTS_SHA1}|{num_images} images|{resolution}px|{content}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -102,19 +101,20 @@ def _locked(path: Path, blocking: bool = True):
 
 
 def cached_features(source: Source, name: str, resolution: int, num_images: int, cache_dir=None,
-                    fingerprint: str | None = None, **kwargs) -> tuple[Stats, Features]:
-    """Statistics and features of the first ``num_images`` images of ``source``: from the cache when present, else
-    computed (``kwargs`` go to ``extract_features``) and stored, ``name`` (what ``vqgen cache`` shows) with them.
+                    fingerprint: str | None = None, mode: str = "clean", **kwargs) -> tuple[Stats, Features]:
+    """Statistics and features of the first ``num_images`` images of ``source`` under FID protocol ``mode``: from
+    the cache when present, else computed (``kwargs`` go to ``extract_features``) and stored, ``name`` (what
+    ``vqgen cache`` shows) with them.
     A generator source needs ``fingerprint``."""
-    key = cache_key(source_fingerprint(source, num_images, fingerprint), resolution, num_images)
+    key = cache_key(source_fingerprint(source, num_images, fingerprint), resolution, num_images, mode)
     path = cache_path(cache_dir or default_cache_dir(), resolution, num_images, key)
     with _locked(path):  # a second process waits here for the first's entry instead of computing it again
         if path.exists() and (cached := _read(path, key)) is not None:
             os.utime(path)  # last use, for `vqgen cache clear --older-than`
             return cached
-        features = extract_features(source, num_images=num_images, **kwargs)
+        features = extract_features(source, num_images=num_images, mode=mode, **kwargs)
         stats = Stats.of(features)
-        meta = {"name": name, "resolution": resolution, "num_images": stats.num_images, "protocol": PROTOCOL,
+        meta = {"name": name, "resolution": resolution, "num_images": stats.num_images, "mode": mode,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:

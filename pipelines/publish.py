@@ -56,7 +56,7 @@ def card_data(sidecar: dict, repo_id: str) -> ModelCardData:
                          vqgen={"quantizer": quantizer, "num_codes": sidecar.get("num_codes"), "dataset": dataset,
                                 "quantizer_options": sidecar.get("quantizer_options", {}),
                                 "pipeline": sidecar.get("pipeline"), "sampling": sidecar.get("sampling", {}),
-                                "num_fid_images": metrics.get("num_images"),
+                                "num_fid_images": metrics.get("num_images"), "fid_mode": metrics.get("fid_mode", "clean"),
                                 "intervals": {k: v for k, v in metrics.items() if k.endswith(("_ci", "_std"))},
                                 "config": sidecar.get("config", {})})
 
@@ -124,7 +124,7 @@ The full tokenizer and prior configs are in the card's `vqgen.config` metadata a
 {rows or "| (none measured) | |"}
 
 gFID, KID, precision and recall: {metrics.get("num_images", "?")} samples against the training set's statistics
-(clean-fid "clean" mode, Inception-v3 FID weights; [lo, hi] a 95% interval, ± a std where measured); rFID, usage
+(clean-fid "{metrics.get("fid_mode", "clean")}" mode, Inception-v3 FID weights; [lo, hi] a 95% interval, ± a std where measured); rFID, usage
 and perplexity on the held-out split.
 
 ## Use

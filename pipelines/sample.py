@@ -89,7 +89,8 @@ def dataset_images(dataset, start: int, stop: int, batch_size: int = 64):
     return images
 
 
-def dataset_features(source: str, resolution: int, channels: int, num_images: int, cache_dir=None) -> Features:
+def dataset_features(source: str, resolution: int, channels: int, num_images: int, cache_dir=None,
+                     mode: str = "clean") -> Features:
     """Inception features of the first ``num_images`` training images as the tokenizer sees them, from this
     machine's FID cache (``cache_dir`` overrides it) when that content was seen before."""
     dataset = build_dataset(source, resolution, channels, "train", num_images)
@@ -97,15 +98,17 @@ def dataset_features(source: str, resolution: int, channels: int, num_images: in
         raise ValueError(f"{source} has {len(dataset)} training images, {num_images} requested")
     name = Path(source).name or "data"
     return reference_features(dataset_images(dataset, 0, num_images), name, resolution, num_images, cache_dir,
-                              fingerprint=f"{content_fingerprint(dataset)}|train|{resolution}px|{channels}ch")
+                              fingerprint=f"{content_fingerprint(dataset)}|train|{resolution}px|{channels}ch",
+                              mode=mode)
 
 
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
          seed: int = 0, ref_images: int | None = None, cache_dir: str | Path | None = None,
-         save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP) -> dict:
+         save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP, fid_mode: str = "clean") -> dict:
     """Generation FID of a pipeline against its training set's cached features, with its bootstrap 95% interval
     (``num_boot`` resamples), KID and its std over subsets, and precision / recall / density / coverage; no images
-    are written except a grid of the first 64 at ``save_grid`` when given."""
+    are written except a grid of the first 64 at ``save_grid`` when given. ``fid_mode``: the FID protocol
+    (``eval.fid_modes``), named in the result."""
     pipe, sidecar = load_pipeline(pipeline_dir)
     source = data or sidecar.get("data_source")
     if source is None:
@@ -114,7 +117,7 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
     vqvae = pipe.vqvae.config
     channels = vqvae.in_channels
     resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution
-    ref = dataset_features(source, resolution, channels, ref_images or num_images, cache_dir)
+    ref = dataset_features(source, resolution, channels, ref_images or num_images, cache_dir, fid_mode)
     kept = []
 
     def generated():
@@ -123,10 +126,10 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
                 kept.append(batch)
             yield batch
 
-    quality = sample_quality(extract_features(generated, num_images=num_images), ref, num_boot, seed)
+    quality = sample_quality(extract_features(generated, num_images=num_images, mode=fid_mode), ref, num_boot, seed)
     if save_grid is not None:
         Path(save_grid).parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat(kept)[:64], save_grid, nrow=8, padding=1)
     quality["gfid"], quality["gfid_ci"] = quality.pop("fid"), quality.pop("fid_ci")
     return {**quality, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,
-            "seed": seed, "pipeline": sidecar.get("pipeline")}
+            "seed": seed, "pipeline": sidecar.get("pipeline"), "fid_mode": fid_mode}

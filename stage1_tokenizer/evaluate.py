@@ -58,34 +58,36 @@ def _lpips_or_none(orig: torch.Tensor, recon: torch.Tensor, net: str) -> float |
     return lpips_distance(orig, recon, net)
 
 
-def _rfid(orig: torch.Tensor, recon: torch.Tensor, cache_dir, source: str, suffix: str) -> dict:
-    """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals); the
-    originals' features come from the FID cache, shared by every run on the same held-out images."""
-    ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), cache_dir)
-    q = sample_quality(extract_features(recon), ref)
+def _rfid(orig: torch.Tensor, recon: torch.Tensor, cache_dir, source: str, suffix: str, mode: str) -> dict:
+    """rFID with its bootstrap interval and rKID with its std (reconstructions against the originals, FID
+    protocol ``mode``); the originals' features come from the FID cache, shared by every run on those images."""
+    ref = reference_features(orig, f"heldout-{Path(source).name or source}", orig.shape[-1], len(orig), cache_dir,
+                             mode=mode)
+    q = sample_quality(extract_features(recon, mode=mode), ref)
     return {f"rfid{suffix}": q["fid"], f"rfid_ci{suffix}": q["fid_ci"], f"rkid{suffix}": q["kid"],
             f"rkid_std{suffix}": q["kid_std"]}
 
 
 def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images: int = 1000,
-                       batch_size: int = 64, cache_dir: str | Path | None = None) -> dict:
+                       batch_size: int = 64, cache_dir: str | Path | None = None, fid_mode: str = "clean") -> dict:
     """Write ``eval.json`` and ``eval_recon.png`` into ``run_dir``; returns the metrics.
 
     Data defaults to the run's own dataset, its held-out split. SF-DiVeQ runs are scored both with
     their continuous (projected) inference and in hard mode (``*_hard``), the mode the priors use.
-    ``cache_dir``: the FID cache of the originals' features (default: this machine's).
+    ``cache_dir``: the FID cache of the originals' features (default: this machine's); ``fid_mode``: the FID protocol.
     """
     run = Path(run_dir)
     cfg, model = load_run(run)
     source = data or cfg.data.source
     dataset = build_dataset(source, cfg.model.resolution, cfg.model.in_channels, "test", None, cfg.data.holdout)
     modes = [False, True] if any(isinstance(q, SFDiVeQ) for q in base_quantizers(model.quantize)) else [False]
-    result = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, "data": source, "split": "test"}
+    result = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, "data": source, "split": "test",
+              "fid_mode": fid_mode}
     for hard in modes:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)
         suffix = "_hard" if hard and len(modes) > 1 else ""
         result.update({
-            **_rfid(orig, recon, cache_dir, source, suffix),
+            **_rfid(orig, recon, cache_dir, source, suffix, fid_mode),
             **{f"lpips_{net}{suffix}": _lpips_or_none(orig, recon, net) for net in ("vgg", "alex")},
             f"ssim{suffix}": ssim(orig, recon), f"psnr{suffix}": psnr(orig, recon),
         })

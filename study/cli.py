@@ -77,7 +77,7 @@ def _train(train_fn, cfg, args, what: str) -> int:
 def _cmd_eval_tokenizer(args) -> int:
     from stage1_tokenizer.evaluate import evaluate_tokenizer
 
-    result = evaluate_tokenizer(args.run_dir, args.data, args.num_images, args.batch_size)
+    result = evaluate_tokenizer(args.run_dir, args.data, args.num_images, args.batch_size, fid_mode=args.fid_mode)
     shown = {k: v for k, v in result.items() if k != "code_counts"}
     print(json.dumps(shown, indent=2))
     print(f"wrote {args.run_dir}/eval.json and eval_recon.png")
@@ -121,7 +121,7 @@ def _cmd_gfid(args) -> int:
     from pipelines.sample import gfid
 
     result = gfid(args.pipeline_dir, args.data, args.num_images, args.batch_size, args.seed, args.ref_images,
-                  args.cache_dir, args.save_grid)
+                  args.cache_dir, args.save_grid, fid_mode=args.fid_mode)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -130,7 +130,7 @@ def _cmd_fid(args) -> int:
     from eval.fid import fid
 
     workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
-    score = fid(args.dir_a, args.dir_b, batch_size=args.batch_size, device=args.device, **workers)
+    score = fid(args.dir_a, args.dir_b, batch_size=args.batch_size, device=args.device, mode=args.fid_mode, **workers)
     print(f"{score:.4f}")
     return 0
 
@@ -230,6 +230,14 @@ def _shipped(package: str, kind: str) -> str:
     return ", ".join(preset_names(presets(package, kind)))
 
 
+def _fid_mode(parser: argparse.ArgumentParser) -> None:
+    from eval.fid_modes import FID_MODES
+
+    parser.add_argument("--fid-mode", default="clean", choices=FID_MODES,
+                        help="FID protocol: clean (default), legacy_tensorflow (the TF resize of the original FID "
+                             "code and the ADM evaluator most generation papers report with), legacy_pytorch")
+
+
 def _run_options(parser: argparse.ArgumentParser, overrides_help: str) -> None:
     """What every training command takes: its run directory, length, resume, seed, tracker and config overrides."""
     parser.add_argument("--output-dir", required=True, help="run directory: config, checkpoints, metrics, samples, weights")
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="image source (default: the run's own dataset, its held-out split)")
     ev.add_argument("--num-images", type=int, default=1000, help="held-out images to score (default 1000)")
     ev.add_argument("--batch-size", type=int, default=64)
+    _fid_mode(ev)
     ev.set_defaults(func=_cmd_eval_tokenizer)
     en = sub.add_parser("encode", help="cache a tokenizer run's codes (indices + quantised latents) for stage 2",
                         description="Encode the run's training set once with the frozen tokenizer; writes "
@@ -318,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--batch-size", type=int, default=32)
     gf.add_argument("--seed", type=int, default=0)
     gf.add_argument("--cache-dir", help="FID reference cache (default: this machine's, see `vqgen cache`)")
+    _fid_mode(gf)
     gf.add_argument("--save-grid", help="also write a grid of the first 64 samples to this PNG path")
     gf.set_defaults(func=_cmd_gfid)
     ca = sub.add_parser("cache", help="list or clear this machine's FID reference cache (shared by every run and sweep)")
@@ -365,12 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("run_dirs", nargs="+", help="evaluated run directories, e.g. docs/study/runs/*")
     cl.add_argument("--output", required=True, help="markdown file to write, e.g. docs/study/claims.md")
     cl.set_defaults(func=_cmd_claims)
-    fd = sub.add_parser("fid", help="FID between two image folders (clean-fid 'clean' protocol, offline weights)")
+    fd = sub.add_parser("fid", help="FID between two image folders (clean-fid's protocols, offline weights)")
     fd.add_argument("dir_a", metavar="DIR_A", help="folder of images (searched recursively)")
     fd.add_argument("dir_b", metavar="DIR_B", help="folder of images (searched recursively)")
     fd.add_argument("--batch-size", type=int, help="images per forward pass (default 8 on a CPU, 64 on a GPU)")
     fd.add_argument("--num-workers", type=int, help="threads decoding and resizing images (default: in the main thread)")
     fd.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _fid_mode(fd)
     fd.set_defaults(func=_cmd_fid)
     data = sub.add_parser("data", help="build a data set the project ships a recipe for")
     data_sub = data.add_subparsers(dest="dataset", required=True)

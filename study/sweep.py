@@ -26,6 +26,7 @@ from common.run_lock import LEASE_S, RunLock
 from common.runtime import process_state
 from common.tracking import trackers_for
 from eval.fid import images_per_second
+from eval.fid_modes import FID_MODES
 from pipelines.export import SIDECAR, export_prior
 from pipelines.sample import gfid
 from stage1_tokenizer.config import load_tokenizer_config
@@ -63,6 +64,7 @@ class SweepConfig:
     gfid_images: int = 1000  # samples per prior for gFID
     ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
     sample_batch_size: int = 50
+    fid_mode: str = "clean"  # FID protocol of rFID and gFID: clean | legacy_tensorflow | legacy_pytorch (eval/fid_modes.py)
     max_steps: int | None = None  # cap on every training stage (smoke runs)
     # with max_steps set, eval_images, gfid_images and ref_images are capped at this and the report says its
     # numbers are not comparable (0: evaluate at full size anyway)
@@ -81,6 +83,8 @@ class SweepConfig:
             raise ValueError("a sweep needs at least one quantizer and one seed")
         if self.stop_after_failures < 0:
             raise ValueError(f"stop_after_failures must be >= 0 (0: never stop), got {self.stop_after_failures}")
+        if self.fid_mode not in FID_MODES:
+            raise ValueError(f"unknown fid_mode {self.fid_mode!r}; choose from {', '.join(FID_MODES)}")
         if self.smoke_images < 0:
             raise ValueError(f"smoke_images must be >= 0 (0: no cap), got {self.smoke_images}")
         if unknown := [p for p in self.priors if p not in KINDS]:
@@ -239,7 +243,7 @@ class Sweep:
             self._timed(run, "tokenizer", train_tokenizer, cfg, tok, resume=(tok / "config.yaml").exists(), data_fit=fit)
         if read_json(tok / "eval.json") is None:
             self._main_only(self._timed, run, "evaluate", evaluate_tokenizer, tok,
-                            num_images=self.cfg.evaluation_counts()[0])
+                            num_images=self.cfg.evaluation_counts()[0], fid_mode=self.cfg.fid_mode)
         return tok  # the code cache is built by the first prior's trainer (on the main process)
 
     def prior(self, run: Path, tok: Path, kind: str, seed: int) -> None:
@@ -267,7 +271,8 @@ class Sweep:
             return
         _, samples, refs = self.cfg.evaluation_counts()
         result = self._timed(run, f"gfid_{kind}", gfid, pipe_dir, self.cfg.data, num_images=samples,
-                             batch_size=self.cfg.sample_batch_size, ref_images=refs, save_grid=pipe_dir / "samples.png")
+                             batch_size=self.cfg.sample_batch_size, ref_images=refs, save_grid=pipe_dir / "samples.png",
+                             fid_mode=self.cfg.fid_mode)
         result["grid"] = str(pipe_dir / "samples.png")
         prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
         result.update({k: v for k, v in prior_run.items() if k.startswith(("val_", "train_", "best_val_"))})
@@ -276,7 +281,7 @@ class Sweep:
         evaluation = json.loads((tok / "eval.json").read_text())
         sidecar = json.loads((pipe_dir / SIDECAR).read_text())
         sidecar["metrics"] = {**{k: result[k] for k in ("gfid", "gfid_ci", "kid", "kid_std", "precision", "recall",
-                                                        "num_images")},
+                                                        "num_images", "fid_mode")},
                               **{k: evaluation.get(k) for k in ("rfid", "rfid_ci", "usage", "perplexity")}}
         write_atomic(pipe_dir / SIDECAR, json.dumps(sidecar, indent=2))
         generation[kind] = result
@@ -391,7 +396,7 @@ class Sweep:
             notes = [*([smoke, ""] if smoke else []),
                      f"Data `{self.cfg.data}`, tokenizer preset `{self.cfg.preset}`, priors `{self.cfg.gpt_preset}` / "
                      f"`{self.cfg.ldm_preset}`; rFID on up to {held_out} held-out images, gFID on "
-                     f"{samples} samples per prior vs {refs} training images. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
+                     f"{samples} samples per prior vs {refs} training images, FID protocol `{self.cfg.fid_mode}`. This invocation took {seconds / 60:.1f} min (finished stages are skipped; "
                      f"per-stage seconds in each run's timings.json).", *([f"**Sweep {stopped}.**"] if stopped else []), ""]
             write_report(list(done.values()), self.out,
                          "vqgen sweep: which quantizer makes the best tokenizer for generation?", failures, notes,

@@ -104,8 +104,8 @@ def test_a_result_cut_short_is_named_and_its_stage_redone(tmp_path, monkeypatch,
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "run.json", json.dumps({"status": "finished"}))
 
-    def evaluate(run, num_images):
-        calls.append(("evaluate", num_images))
+    def evaluate(run, num_images, fid_mode):
+        calls.append(("evaluate", num_images, fid_mode))
         write_atomic(run / "eval.json", json.dumps({"rfid": 1.0}))
 
     monkeypatch.setattr(sweep_mod, "train_tokenizer", train)
@@ -113,14 +113,14 @@ def test_a_result_cut_short_is_named_and_its_stage_redone(tmp_path, monkeypatch,
     sweep = Sweep(SweepConfig(quantizers=["vq"], data="shapes", eval_images=8), tmp_path)
     run = tmp_path / "vq"
     tok = sweep.tokenizer(run, "vq", None, 0)
-    assert calls == [("train", False), ("evaluate", 8)]
+    assert calls == [("train", False), ("evaluate", 8, "clean")]
     sweep.tokenizer(run, "vq", None, 0)
     assert len(calls) == 2, "finished stages are skipped"
     (tok / "eval.json").write_text('{"rfid": 1.')
     (tok / "run.json").write_text('{"stat')
     with caplog.at_level("WARNING"):
         sweep.tokenizer(run, "vq", None, 0)
-    assert calls[2:] == [("train", False), ("evaluate", 8)]
+    assert calls[2:] == [("train", False), ("evaluate", 8, "clean")]
     assert "eval.json is unreadable" in caplog.text and "run.json is unreadable" in caplog.text
     assert json.loads((tok / "eval.json").read_text()) == {"rfid": 1.0}
 

@@ -170,4 +170,6 @@ def test_fid_subcommand_of_the_cli(monkeypatch, capsys):
     monkeypatch.setattr("eval.fid.fid", fake_fid)
     assert main(["fid", "x", "y", "--batch-size", "8", "--num-workers", "2", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == "12.3457"
-    assert seen == dict(a="x", b="y", batch_size=8, num_workers=2, device="cpu")
+    assert seen == dict(a="x", b="y", batch_size=8, num_workers=2, device="cpu", mode="clean")
+    assert main(["fid", "x", "y", "--fid-mode", "legacy_tensorflow"]) == 0
+    assert seen["mode"] == "legacy_tensorflow"
