@@ -10,7 +10,9 @@ forward + backward alone), each timed as often. Inception: the FLOPs of one 299-
 Inception-v3 graph (the FID network is its TF port: the same convolutions), the network's images/s at the CPU
 batch, and ``extract_features`` on 32-px tensors (clean resize included). The rate: the best 2048 x 2048 matmul in
 fp32 (and in bf16 where the CPU runs it natively) timed before and after the stages; a stage in bf16 is judged
-against the bf16 rate.
+against the bf16 rate. Side by side on one trainer, alternated: the priors' attention kernels (torch's fused SDPA
+against the explicit form used on a CPU) and torch's deterministic kernels (every training run's) against its
+free choice.
 """
 import argparse
 import json
@@ -59,19 +61,41 @@ def stage_row(name: str, trainer, steps: int) -> dict:
             "precision": trainer.acc.mixed_precision}
 
 
-def attention_ratio(name: str, trainer, steps: int, rounds: int = 2) -> dict:
-    """Median step with torch's fused attention and with the explicit form the priors use on a CPU, alternated
-    ``rounds`` times on one trainer (``fit_attention(model, "cuda")`` selects the fused kernel on any device)."""
+def side_by_side(name: str, trainer, steps: int, variants: dict, rounds: int = 2) -> dict:
+    """Median step under each of ``variants`` ({label: function switching to it}), alternated ``rounds`` times on
+    one trainer, so both see the same machine; the first label is the baseline of ``speedup``."""
+    batches, step = trainer._epoch_iter(0), iter(range(10**6))
+    times = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, switch in variants.items():
+            switch()
+            times[label] += timed(lambda: train_step(trainer, batches, next(step)), steps)
+    medians = {f"{label}_s": statistics.median(t) for label, t in times.items()}
+    base, other = medians.values()
+    return {"stage": name, **medians, "speedup": base / other}
+
+
+def attention_ratio(name: str, trainer, steps: int) -> dict:
+    """torch's fused attention against the explicit form the priors use on a CPU (``fit_attention(model,
+    "cuda")`` selects the fused kernel on any device)."""
     from stage2_prior.attention import fit_attention
 
-    batches, step, times = trainer._epoch_iter(0), iter(range(10**6)), {"fused": [], "explicit": []}
-    for _ in range(rounds):
-        for kernel, device in (("fused", "cuda"), ("explicit", "cpu")):
-            fit_attention(trainer.unwrapped, device)
-            times[kernel] += timed(lambda: train_step(trainer, batches, next(step)), steps)
-    fit_attention(trainer.unwrapped, trainer.acc.device)
-    fused, explicit = (statistics.median(times[k]) for k in ("fused", "explicit"))
-    return {"stage": name, "fused_s": fused, "explicit_s": explicit, "speedup": fused / explicit}
+    model = trainer.unwrapped
+    row = side_by_side(name, trainer, steps, {"fused": lambda: fit_attention(model, "cuda"),
+                                              "explicit": lambda: fit_attention(model, "cpu")})
+    fit_attention(model, trainer.acc.device)
+    return row
+
+
+def determinism_ratio(name: str, trainer, steps: int) -> dict:
+    """torch's free kernel choice against the deterministic kernels every training run uses."""
+    import torch
+
+    row = side_by_side(name, trainer, steps, {"free": lambda: torch.use_deterministic_algorithms(False),
+                                              "deterministic": lambda: torch.use_deterministic_algorithms(True,
+                                                                                                           warn_only=True)})
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return row
 
 
 def tokenizer_parts(trainer, steps: int) -> list[dict]:
@@ -136,12 +160,13 @@ def main():
     demo = load_sweep_config("demo")
     bf16 = native_bf16()
     rates = {"fp32": [matmul_gflops()], **({"bf16": [matmul_gflops(dtype=torch.bfloat16)]} if bf16 else {})}
-    rows, attention = [], []
+    rows, attention, determinism = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tok_cfg = with_overrides(load_tokenizer_config(demo.preset, list(demo.tokenizer)),
                                  ["data.num_images=4096", "data.num_workers=0", *QUIET])
         trainer = TokenizerTrainer(tok_cfg, os.path.join(tmp, "profiled"))
         rows.append(stage_row("tokenizer step (MSE + LPIPS)", trainer, args.steps))
+        determinism.append(determinism_ratio("tokenizer step", trainer, args.steps))
         rows += tokenizer_parts(trainer, args.steps)
         del trainer
         tok = os.path.join(tmp, "tok")
@@ -152,6 +177,7 @@ def main():
             trainer = TRAINERS[kind](cfg, os.path.join(tmp, kind))
             rows.append(stage_row(f"{kind.upper()} step", trainer, args.steps))
             attention.append(attention_ratio(f"{kind.upper()} step", trainer, args.steps))
+            determinism.append(determinism_ratio(f"{kind.upper()} step", trainer, args.steps))
         rows += inception_rows(args.steps)
     rates["fp32"].append(matmul_gflops())
     if bf16:
@@ -164,7 +190,7 @@ def main():
     meta = machine_meta(start, load_start, matmul_gflops=rates)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=rows, attention=attention), f, indent=1)
+        json.dump(dict(meta=meta, results=rows, attention=attention, determinism=determinism), f, indent=1)
     rate_text = ", ".join(f"{k} {min(v):.0f}-{max(v):.0f} GFLOP/s" for k, v in rates.items())
     lines = ["# Where the demo's compute goes: one step of each stage and Inception, against the matmul rate", "",
              f"- Date: {meta['date']}; command: `{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads; "
@@ -182,6 +208,10 @@ def main():
               "| stage | fused SDPA ms | explicit ms | speed-up of explicit |", "|---|---:|---:|---:|"]
     lines += [f"| {a['stage']} | {1e3 * a['fused_s']:.1f} | {1e3 * a['explicit_s']:.1f} | {a['speedup']:.2f}x |"
               for a in attention]
+    lines += ["", "Deterministic kernels (every training run's setting) against torch's free choice, side by side:", "",
+              "| stage | free ms | deterministic ms | speed-up of deterministic |", "|---|---:|---:|---:|"]
+    lines += [f"| {d['stage']} | {1e3 * d['free_s']:.1f} | {1e3 * d['deterministic_s']:.1f} | {d['speedup']:.2f}x |"
+              for d in determinism]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -68,11 +68,10 @@ def resolve_precision(mixed_precision: str) -> str:
 
 
 def deterministic() -> None:
-    """Same seed, same weights: torch's deterministic kernels (on a CPU with two threads, without them some
-    backward accumulates in thread order and 30 steps leave 1e-7 differences in most tensors; with them the runs
-    are bitwise equal at a cost within the step's noise) and, on CUDA, the cuBLAS workspace that makes its
-    matmuls reproducible (set before the first cuBLAS call). ``warn_only``: an op without a deterministic kernel
-    warns instead of stopping a run."""
+    """Same seed, same weights: torch's deterministic kernels (without them some backward on a multi-threaded CPU
+    accumulates in thread order; their cost: benchmarks/results/profile.md) and, on CUDA, the cuBLAS workspace
+    that makes its matmuls reproducible (set before the first cuBLAS call). ``warn_only``: an op without a
+    deterministic kernel warns instead of stopping a run."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -1,8 +1,8 @@
 """The priors' attention kernel by device: explicit matmul-softmax on a CPU, torch's fused SDPA elsewhere.
 
 Both compute softmax(Q K^T / sqrt(d)) V. On a CPU, torch's fused kernel (flash attention for CPU) spends more in
-its backward than the explicit form does for the priors' short sequences (64-256 tokens): 39% of a demo GPT step
-(benchmarks/results/profile.md). On an accelerator the fused kernel is the faster one.
+its backward than the explicit form does for the priors' short sequences (64-256 tokens; the side-by-side
+figures: benchmarks/results/profile.md). On an accelerator the fused kernel is the faster one.
 """
 from __future__ import annotations
 
