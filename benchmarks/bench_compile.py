@@ -17,12 +17,10 @@ import sys
 import tempfile
 import time
 
-from harness import machine_meta, train_step  # benchmarks/ is on the path of a script run from it
+from harness import QUIET, machine_meta, train_step  # benchmarks/ is on the path of a script run from it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-QUIET = ["train.log_every=100000", "train.sample_every=100000", "train.checkpoint_every=100000",
-         "train.max_steps=100000"]
 
 
 def worker(cfg):

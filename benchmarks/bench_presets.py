@@ -18,12 +18,10 @@ import sys
 import tempfile
 import time
 
-from harness import machine_meta, train_step  # benchmarks/ is on the path of a script run from it
+from harness import QUIET, machine_meta, train_step  # benchmarks/ is on the path of a script run from it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-QUIET = ["train.log_every=100000", "train.sample_every=100000", "train.checkpoint_every=100000",
-         "train.max_steps=100000", "train.epochs=null"]
 H100_BF16_FLOPS = 989e12  # dense bf16, SXM
 ROWS = [("tokenizer", "celeba-hq"), ("tokenizer", "vqgan-f16"), ("tokenizer", "nsvq2026"),
         ("gpt", "celeba-hq"), ("gpt", "afhq"), ("ldm", "celeba-hq")]

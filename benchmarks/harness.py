@@ -5,6 +5,10 @@ import shlex
 import sys
 import time
 
+# overrides that keep a timed trainer from logging, sampling or checkpointing, and from ending
+QUIET = ["train.log_every=100000", "train.sample_every=100000", "train.checkpoint_every=100000",
+         "train.max_steps=100000", "train.epochs=null"]
+
 
 def train_step(trainer, batches, step: int) -> None:
     """One optimisation step of a ``TrainLoop`` (schedules included), waited for by reading its loss."""
