@@ -288,6 +288,7 @@ class Sweep:
         write_atomic(gen_path, json.dumps(generation, indent=2))
 
     def _say(self, line: str) -> None:
+        """One line to the user on stderr, from the main process only."""
         if self.state.is_main_process:
             print(line, file=sys.stderr, flush=True)
 
@@ -321,10 +322,6 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.state.is_main_process:
             save_config(self.cfg, self.out / "sweep.yaml")
-            todo = [name for i, (name, *_) in enumerate(self.cfg.runs()) if i % self.shard[1] == self.shard[0]
-                    and not (self.cfg.archive and (Path(self.cfg.archive) / name / ARCHIVED).exists())]
-            if todo:
-                print(self.evaluation_cost(len(todo)), file=sys.stderr, flush=True)
         failures, done = {}, {}  # done: run name -> the directory its report reads
         last_error, repeats, stopped = None, 0, None  # repeats: runs in a row that failed with last_error
         start = time.time()
@@ -336,6 +333,8 @@ class Sweep:
                 done[name] = archived
             elif position % count == index:  # another shard's runs are reported above once archived
                 pending.append((name, quantizer, num_codes, seed))
+        if pending:
+            self._say(self.evaluation_cost(len(pending)))
         while pending or waiting:
             if not pending:  # every free run is done: wait for those held elsewhere (or take over a gone holder's)
                 self._say(f"waiting for {len(waiting)} run(s) held by other processes: "
