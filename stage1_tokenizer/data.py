@@ -225,7 +225,8 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "mnist":
         x, y = load_mnist(split)
-        ds: Dataset = TensorImages(x, y, resolution, channels, random_crop)
+        # only the images asked for are transformed up front (the Subset below would keep just those)
+        ds: Dataset = TensorImages(x[:num_images], y[:num_images], resolution, channels, random_crop)
     elif source == "shapes":
         ds = Shapes(num_images or 4096, resolution, channels, seed=0 if split == "train" else 10_000_000)
     elif source.startswith("hf:"):
