@@ -3,9 +3,10 @@
 
 At inference every variant is a frozen lookup: nearest row of a codebook (its ``lookup_space``), with
 optional linear maps before and after. Export materialises that codebook into ``VQModel.quantize`` and
-folds the maps into ``quant_conv`` / ``post_quant_conv``. Two variants cannot be expressed that way and
-are exported as a ``VQLookupTokenizer``: ``rvq`` (several codebooks whose lookups are summed) and
-``gumbel`` (tokens are the argmax of learned logits, not nearest codes).
+folds the maps into ``quant_conv`` / ``post_quant_conv`` (IBQ's argmax becomes a nearest-code lookup in its
+augmented table). Three variants cannot be expressed that way and are exported as a ``VQLookupTokenizer``:
+``rvq`` (several codebooks whose lookups are summed), ``gumbel`` (tokens are the argmax of learned logits,
+not nearest codes) and ``fsq`` (a nonlinear bound before the rounding).
 
 Code that is not stock diffusers travels with the folder as diffusers' remote code: the self-contained
 modules ``vqgpt_pipeline.py`` (the folder's root, ``_class_name: [module, class]``) and
@@ -48,6 +49,8 @@ def stock_incompatibility(tokenizer: VQTokenizer) -> str | None:
         return "rvq sums the lookups of several codebooks; diffusers' VectorQuantizer holds one"
     if not q.nearest_lookup:
         return f"{tokenizer.config.quantizer} tokens are the argmax of learned logits, not nearest codes"
+    if not q.linear_lookup:
+        return f"{tokenizer.config.quantizer} bounds latents with a nonlinear map before rounding; VQModel's maps are linear"
     return None
 
 
@@ -102,7 +105,7 @@ def to_vqmodel(tokenizer: VQTokenizer) -> VQModel:
 
 @torch.no_grad()
 def to_lookup_tokenizer(tokenizer: VQTokenizer) -> VQLookupTokenizer:
-    """The self-contained inference model of a variant without a stock form (rvq, gumbel): same tokens and decode."""
+    """The self-contained inference model of a variant without a stock form (rvq, gumbel, fsq): same tokens and decode."""
     cfg, q = tokenizer.config, tokenizer.quantize
     stages = list(q.stages) if isinstance(q, ResidualVQ) else [q]
     parts = []
@@ -121,11 +124,14 @@ def to_lookup_tokenizer(tokenizer: VQTokenizer) -> VQLookupTokenizer:
                               code_dim=codebook.shape[1], num_quantizers=len(stages),
                               residual=isinstance(q, ResidualVQ), in_map=in_map is not None,
                               out_map=out_map is not None, logits=logits is not None,
-                              scaling_factor=cfg.scaling_factor, latents_mean=cfg.latents_mean)
+                              scaling_factor=cfg.scaling_factor, latents_mean=cfg.latents_mean,
+                              levels=None if stages[0].linear_lookup else stages[0].levels.tolist())
     for name in ("encoder", "quant_conv", "post_quant_conv", "decoder"):
         getattr(model, name).load_state_dict(getattr(tokenizer, name).state_dict())
-    for target, (codebook, in_map, out_map, logits) in zip(model.stages, parts):
+    for target, stage, (codebook, in_map, out_map, logits) in zip(model.stages, stages, parts):
         target.codebook.copy_(codebook.detach())
+        if target.edges is not None:  # fsq: its bound as cell edges
+            target.edges.copy_(stage.edges)
         for name, source in (("in_map", in_map), ("out_map", out_map), ("to_logits", logits)):
             if source is not None:
                 if not isinstance(source, nn.Linear):

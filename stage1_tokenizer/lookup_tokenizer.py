@@ -1,7 +1,8 @@
 """``VQLookupTokenizer``: the inference-only form of a tokenizer that diffusers' ``VQModel`` cannot express.
 
-Two variants have no stock form: ``rvq`` (several codebooks whose lookups are summed, each depth quantising
-the residual of the ones before) and ``gumbel`` (tokens are the argmax of learned logits). Export converts
+Three variants have no stock form: ``rvq`` (several codebooks whose lookups are summed, each depth quantising
+the residual of the ones before), ``gumbel`` (tokens are the argmax of learned logits) and ``fsq`` (latents
+pass a nonlinear bound before they are rounded, which the export holds as each coordinate's cell edges). Export converts
 their trained ``VQTokenizer`` into this model. The file is self-contained on purpose (torch and diffusers
 only): export copies it into the pipeline's ``vqvae/`` folder, so ``from_pretrained(..., trust_remote_code=True)``
 runs exactly this code in a Python without vqgen. It keeps ``VQModel``'s contract: ``encode``, ``decode``
@@ -27,6 +28,14 @@ def nearest_rows(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
                       for r in range(0, z.shape[0], rows)]) if len(z) else z.new_zeros(0, dtype=torch.long)
 
 
+def grid_tokens(x: torch.Tensor, edges: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Tokens of a scalar grid (FSQ): coordinate ``j``'s digit is how many of its cell edges ``edges[j]`` (padded
+    with +inf) lie below ``x_j``; the index is mixed-radix, the first coordinate least significant."""
+    digits = (x[:, :, None] > edges[None]).sum(-1)
+    basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
+    return (digits * basis).sum(-1)
+
+
 def uncentre(latents: torch.Tensor, latents_mean: list[float] | None) -> torch.Tensor:
     """Latents (B, D, h, w) plus the per-channel mean a centred prior removed (none: unchanged)."""
     if latents_mean is None:
@@ -35,20 +44,27 @@ def uncentre(latents: torch.Tensor, latents_mean: list[float] | None) -> torch.T
 
 
 class LookupStage(nn.Module):
-    """One depth: a token is ``argmax(to_logits(z))`` or the nearest ``codebook`` row to ``in_map(z)``; it decodes
-    to ``out_map(codebook[token])``. Absent maps are identities."""
+    """One depth: a token is ``argmax(to_logits(z))``, the scalar-grid cell of ``in_map(z)`` (``levels`` given:
+    FSQ), or the nearest ``codebook`` row to ``in_map(z)``; it decodes to ``out_map(codebook[token])``. Absent
+    maps are identities."""
 
-    def __init__(self, dim: int, num_codes: int, code_dim: int, in_map: bool, out_map: bool, logits: bool):
+    def __init__(self, dim: int, num_codes: int, code_dim: int, in_map: bool, out_map: bool, logits: bool,
+                 levels: list[int] | None = None):
         super().__init__()
         self.codebook = nn.Parameter(torch.zeros(num_codes, code_dim), requires_grad=False)
         self.in_map = nn.Linear(dim, code_dim) if in_map else None
         self.out_map = nn.Linear(code_dim, dim) if out_map else None
         self.to_logits = nn.Linear(dim, num_codes) if logits else None
+        self.register_buffer("levels", torch.tensor(levels or [], dtype=torch.long), persistent=False)
+        self.edges = nn.Parameter(torch.zeros(len(levels), max(levels) - 1), requires_grad=False) if levels else None
 
     def tokens(self, z: torch.Tensor) -> torch.Tensor:
         if self.to_logits is not None:
             return self.to_logits(z).argmax(1)
-        return nearest_rows(self.in_map(z) if self.in_map is not None else z, self.codebook)
+        x = self.in_map(z) if self.in_map is not None else z
+        if self.edges is not None:
+            return grid_tokens(x.float(), self.edges, self.levels)
+        return nearest_rows(x, self.codebook)
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         code = self.codebook[idx]
@@ -68,7 +84,7 @@ class VQLookupTokenizer(ModelMixin, ConfigMixin):
                  act_fn: str = "silu", mid_block_add_attention: bool = False, num_codes: int = 256,
                  code_dim: int = 16, num_quantizers: int = 1, residual: bool = False, in_map: bool = False,
                  out_map: bool = False, logits: bool = False, scaling_factor: float = 1.0,
-                 latents_mean: list[float] | None = None):
+                 latents_mean: list[float] | None = None, levels: list[int] | None = None):
         super().__init__()
         depth = len(block_out_channels)
         if num_quantizers > 1 and not residual:
@@ -77,7 +93,7 @@ class VQLookupTokenizer(ModelMixin, ConfigMixin):
                                layers_per_block, norm_num_groups, act_fn, double_z=False,
                                mid_block_add_attention=mid_block_add_attention)
         self.quant_conv = nn.Conv2d(latent_channels, vq_embed_dim, 1)
-        self.stages = nn.ModuleList(LookupStage(vq_embed_dim, num_codes, code_dim, in_map, out_map, logits)
+        self.stages = nn.ModuleList(LookupStage(vq_embed_dim, num_codes, code_dim, in_map, out_map, logits, levels)
                                     for _ in range(num_quantizers))
         self.post_quant_conv = nn.Conv2d(vq_embed_dim, latent_channels, 1)
         self.decoder = Decoder(latent_channels, in_channels, ("UpDecoderBlock2D",) * depth, tuple(block_out_channels),

@@ -35,6 +35,7 @@ def apply_schedules(q: nn.Module, step: int, total_steps: int, steps_per_epoch: 
     every, until = replacement_cadence(step, total_steps, sched.replacement_phases)
     for base in base_quantizers(q):
         base.maintenance.total_steps = total_steps
+        base.set_step(step)
         if isinstance(base, NSVQ):
             base.set_epoch(epoch, sched.tau0)
             logged["tau"] = base.tau

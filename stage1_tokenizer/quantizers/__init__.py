@@ -10,10 +10,14 @@ import inspect
 from torch import nn
 
 from .base import Quantizer, QuantizerOutput
+from .bsq import BSQ
 from .diveq import DiVeQ, DiVeQDetach
 from .ema import EMA
 from .fc import FactorizedVQ
+from .fsq import FSQ
 from .gumbel import GumbelVQ
+from .ibq import IBQ
+from .lfq import LFQ
 from .maintenance import POLICIES
 from .ns_vq import NSVQ
 from .nsvq_noise import NoiseSubstitutionVQ
@@ -40,6 +44,10 @@ QUANTIZERS: dict[str, type[nn.Module]] = {
     "rotation": RotationVQ,
     "gumbel": GumbelVQ,
     "rvq": ResidualVQ,
+    "fsq": FSQ,
+    "lfq": LFQ,
+    "bsq": BSQ,
+    "ibq": IBQ,
 }
 
 

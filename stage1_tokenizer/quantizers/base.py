@@ -41,6 +41,7 @@ class Quantizer(nn.Module, abc.ABC):
     default_replacement = "none"
     supports_code_space = True  # whether latents map into the raw codebook's space (reservoir, k-means)
     nearest_lookup = True  # whether inference tokens are nearest codes of lookup_space (Gumbel: logits' argmax)
+    linear_lookup = True  # whether lookup_space's in_map alone takes latents there (FSQ: a nonlinear bound follows)
     check_finite = True  # raise at once on non-finite latents (a host sync); a trainer that checks its loss turns it off
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,
@@ -112,6 +113,9 @@ class Quantizer(nn.Module, abc.ABC):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` from a checkpoint."""
+
+    def set_step(self, step: int) -> None:
+        """The optimizer step the trainer is at, for a loss weight that follows it (BSQ); ignored by default."""
 
     def step_stats(self) -> dict:
         """Variant-specific diagnostics of the last training step, merged into ``stats`` (none by default)."""

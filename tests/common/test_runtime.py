@@ -119,7 +119,8 @@ def _syncs_over(trainer, count_syncs, first: int, second: int) -> tuple[list, li
 def test_tokenizer_step_reads_nothing_back_between_logs(quantizer, tmp_path, count_syncs):
     """Every variant; SF-DiVeQ ends its warm-up inside the count, the reservoir fills every step."""
     extra = {"sf-diveq": ["quantizer.options.warmup=2"], "sf-diveq-detach": ["quantizer.options.warmup=2"],
-             "vq+reservoir": ["quantizer.options.replacement=reservoir"]}.get(quantizer, [])
+             "vq+reservoir": ["quantizer.options.replacement=reservoir"],
+             "fsq": ["quantizer.options={levels: [4, 8]}"]}.get(quantizer, [])
     quantizer = quantizer.split("+")[0]
     trainer = TokenizerTrainer(small_config(f"quantizer.name={quantizer}", "schedule.drift_every=1000", *QUIET,
                                             *extra), tmp_path / "run")

@@ -41,10 +41,11 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nonstock(tmp_path_factory):
-    """rvq and gumbel tokenizers (a few steps) with a GPT and an LDM each, exported: {(variant, kind): folder}."""
+    """rvq, gumbel and fsq tokenizers (a few steps) with a GPT and an LDM each, exported: {(variant, kind): folder}."""
     root = tmp_path_factory.mktemp("nonstock")
     out = {}
-    for name, extra in (("rvq", ["quantizer.options={num_quantizers: 2}"]), ("gumbel", [])):
+    for name, extra in (("rvq", ["quantizer.options={num_quantizers: 2}"]), ("gumbel", []),
+                        ("fsq", ["quantizer.options={levels: [4, 8]}"])):
         tok = tiny_tokenizer_run(root / f"tok-{name}", f"quantizer.name={name}", *extra, "train.max_steps=4")
         for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
             train_prior(prior_config(kind, tok, "train.max_steps=3"), root / f"{kind}-{name}")
@@ -57,12 +58,14 @@ def _tokenizer(name: str, **options) -> VQTokenizer:
     torch.manual_seed(0)
     if name == "rvq":
         options = {"base": "vq", "num_quantizers": 2, **options}
+    if name == "fsq":
+        options = {"levels": [4, 8], **options}
     return VQTokenizer(resolution=16, block_out_channels=(16, 16), latent_channels=8, vq_embed_dim=8,
                        norm_num_groups=4, quantizer=name, num_codes=32, quantizer_options=options,
                        scaling_factor=2.5).eval()
 
 
-@pytest.mark.parametrize("name", [q for q in QUANTIZERS if q not in ("rvq", "gumbel")])
+@pytest.mark.parametrize("name", [q for q in QUANTIZERS if q not in ("rvq", "gumbel", "fsq")])
 def test_stock_vqmodel_equals_the_tokenizer(name):
     """Same tokens, same decode of given tokens (1e-5), same reconstruction, for every nearest-lookup variant."""
     tok = _tokenizer(name, **({"inference": "hard"} if name.startswith("sf-") else {}))
@@ -84,7 +87,7 @@ def test_stock_vqmodel_equals_the_tokenizer(name):
         torch.testing.assert_close(vq.decode(latents).sample, tok.decode(latents).sample, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vq", "simvq", "transvq", "sf-diveq", "rvq", "gumbel"])
+@pytest.mark.parametrize("name", ["vq", "simvq", "transvq", "sf-diveq", "rvq", "gumbel", "fsq", "ibq"])
 def test_a_centred_tokenizer_exports_a_decode_of_centred_latents_equal_to_the_plain_one(name, tmp_path):
     """With ``latents_mean`` set (a centred LDM), the export (stock: folded into the lookup space; lookup tokenizer:
     its config, round-tripped) decodes ``latents - mean`` as the plain tokenizer decodes ``latents``; the stock
@@ -141,12 +144,12 @@ def test_a_centred_ldm_trains_on_zero_mean_unit_variance_latents_and_its_export_
                                    rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["rvq", "gumbel"])
+@pytest.mark.parametrize("name", ["rvq", "gumbel", "fsq"])
 def test_variants_without_a_stock_form_export_an_equal_lookup_tokenizer(name, tmp_path):
     """Same tokens, reconstruction, decode of tokens and of prior latents as the trained tokenizer; round-trips."""
     tok = _tokenizer(name)
     reason = stock_incompatibility(tok)
-    assert reason and ("codebooks" in reason if name == "rvq" else "logits" in reason)
+    assert reason and {"rvq": "codebooks", "gumbel": "logits", "fsq": "nonlinear"}[name] in reason
     with pytest.raises(ValueError, match="cannot export as a stock VQModel"):
         to_vqmodel(tok)
     model = export_tokenizer(tok)
@@ -416,7 +419,7 @@ def test_published_folder_names_its_data_and_leaks_no_local_path(tmp_path, monke
         publish(folder, "me/ldm", dry_run=True, output_dir=tmp_path / "leak")
 
 
-def test_rvq_and_gumbel_run_through_both_priors_and_export_lookup_tokenizers(nonstock):
+def test_rvq_gumbel_and_fsq_run_through_both_priors_and_export_lookup_tokenizers(nonstock):
     """rvq: the GPT models all depths (sequence length L*h*w); every non-stock pipeline loads and samples."""
     run = json.loads((nonstock["rvq", "gpt"].parent / "gpt-rvq" / "run.json").read_text())
     assert run["seq_len"] == 2 * 8 * 8

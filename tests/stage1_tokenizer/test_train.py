@@ -20,7 +20,8 @@ from tests.helpers import SMALL, kill_when, small_config, subprocess_env, torchr
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_every_variant_trains_and_the_loss_falls(name, tmp_path):
-    extra = ["quantizer.options={warmup: 5}"] if name.startswith("sf-") else []
+    extra = {"sf-diveq": ["quantizer.options={warmup: 5}"], "sf-diveq-detach": ["quantizer.options={warmup: 5}"],
+             "fsq": ["quantizer.options={levels: [4, 8]}"]}.get(name, [])
     cfg = small_config(f"quantizer.name={name}", "train.max_steps=30", "train.checkpoint_every=1000", *extra)
     final = train_tokenizer(cfg, tmp_path)
     mse = [r["mse"] for r in MetricsLog(tmp_path / "metrics.jsonl").read()]

@@ -5,13 +5,15 @@ import torch
 from stage1_tokenizer.quantizers import QUANTIZERS, ResidualVQ, build_quantizer
 
 NAMES = ["vq", "ema", "fc", "simvq", "transvq", "ns-vq", "nsvq-noise", "diveq", "diveq-detach", "sf-diveq",
-         "sf-diveq-detach", "rotation", "gumbel", "rvq"]
+         "sf-diveq-detach", "rotation", "gumbel", "rvq", "fsq", "lfq", "bsq", "ibq"]
 
 
 def make(name, k=16, d=8, **opts):
     if name.startswith("sf-"):
         opts.setdefault("warmup", 1)
         opts.setdefault("inference", "hard")
+    if name == "fsq" and k == 16:
+        opts.setdefault("levels", [4, 4])
     return build_quantizer(name, k, d, **opts)
 
 

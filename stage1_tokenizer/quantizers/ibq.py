@@ -1,0 +1,60 @@
+"""``ibq``: index backpropagation quantization (Shi et al. 2024; Open-MAGVIT2's ``IndexPropagationQuantize``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Quantizer
+from .entropy import entropy
+
+
+class IBQ(Quantizer):
+    """Token ``argmax z.C``; ``z_q = (onehot - sg(s) + s) C`` with ``s = softmax(z C^T)``, so every code gets a
+    gradient; loss ``||z_q - z||^2 + ||sg(c) - z||^2 + beta ||c - sg(z)||^2 + entropy_weight (H_s - H_b)`` on
+    ``softmax(z C^T / T)``."""
+
+    def __init__(self, num_codes: int, dim: int, *, entropy_weight: float = 0.05, temperature: float = 0.01,
+                 **options):
+        super().__init__(num_codes, dim, **options)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.entropy_weight, self.temperature = float(entropy_weight), float(temperature)
+        self.codebook = nn.Parameter(torch.randn(self.num_codes, self.dim))  # nn.Embedding's N(0, 1)
+        self._last = {}
+
+    def effective_codebook(self) -> torch.Tensor:
+        return self.codebook
+
+    def lookup_space(self):
+        """``C' = [C, sqrt(M - ||c||^2)]``, ``M = max ||c||^2``, in-map ``z -> [z, 0]``, out-map drops the last
+        coordinate: ``||[z, 0] - c'||^2 = ||z||^2 + M - 2 z.c``, so the nearest row of C' is ``argmax z.c``."""
+        c = self.codebook.detach()
+        sq = c.pow(2).sum(1, keepdim=True)
+        table = torch.cat([c, (sq.max() - sq).clamp_min(0).sqrt()], dim=1)
+        in_map, out_map = nn.Linear(self.dim, self.dim + 1), nn.Linear(self.dim + 1, self.dim)
+        with torch.no_grad():
+            eye = torch.eye(self.dim, self.dim + 1, dtype=c.dtype, device=c.device)
+            in_map.weight.copy_(eye.T), out_map.weight.copy_(eye)
+            in_map.bias.zero_(), out_map.bias.zero_()
+        return table, in_map.to(c.device), out_map.to(c.device)
+
+    def _eval_indices(self, z):
+        return (z @ self.codebook.T).argmax(1)
+
+    def step_stats(self) -> dict:
+        return dict(self._last)
+
+    def _train_step(self, z):
+        logits = z @ self.codebook.T
+        soft = torch.softmax(logits, dim=1)
+        idx = soft.argmax(1)
+        hard = torch.zeros_like(soft).scatter_(1, idx[:, None], 1.0)
+        zq = (hard - soft.detach() + soft) @ self.codebook
+        c = self.codebook[idx]
+        quant = F.mse_loss(zq, z) + F.mse_loss(z, c.detach()) + self.beta * F.mse_loss(c, z.detach())
+        p = torch.softmax(logits / self.temperature, dim=1)
+        h_sample = -(p * torch.log_softmax(logits / self.temperature, dim=1)).sum(1).mean()
+        h_batch = entropy(p.mean(0), eps=1e-5)
+        self._last = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
+        return zq, idx, quant + self.entropy_weight * (h_sample - h_batch)
