@@ -22,7 +22,8 @@ Rows:
          (its loss is commitment_weight=1 * mse(C[idx], z) with gradient to both sides), input (B, H*W, D).
   *-floor  bound plus the work any exact step of that variant must add (see floor_step): what a 2x target
          can be judged against.
-  others build_quantizer(name, K, D, replacement="none") in train mode.
+  others build_quantizer(name, K, D) in train mode (replacement="none" where a variant has maintenance);
+         fsq at K = 8192, a size without a row in the FSQ paper's table, takes levels [8, 8, 8, 4, 4].
 """
 import argparse
 import datetime
@@ -41,7 +42,10 @@ import torch
 from harness import SQUARE, square_matmul  # benchmarks/ is on the path of a script run from it
 
 B, H, W = 16, 32, 32  # N = 16,384 latents
-VARIANTS = ["bound", "vq", "ns-vq", "ns-vq-floor", "diveq", "simvq", "transvq", "transvq-floor", "rotation", "vqp"]
+VARIANTS = ["bound", "vq", "ns-vq", "ns-vq-floor", "diveq", "simvq", "transvq", "transvq-floor", "rotation", "vqp",
+            "fsq", "lfq", "bsq", "ibq"]
+FSQ_LEVELS = {8192: [8, 8, 8, 4, 4]}  # K without a row in the FSQ paper's table
+SEARCH_FREE = ("fsq", "lfq")  # no nearest-code search: expected faster than `vq`
 DIMS = [8, 64]
 CODES = [1024, 8192, 65536]
 MIN_REPEATS = 5
@@ -85,7 +89,11 @@ def make_step(variant, K, D, device):
         return step, [z, C]
     if variant.endswith("-floor"):
         return floor_step(variant, K, D, device)
-    q = build_quantizer(variant, K, D, replacement="none").to(device).train()
+    from stage1_tokenizer.quantizers import QUANTIZERS
+    options = {"replacement": "none"} if QUANTIZERS[variant].maintained else {}
+    if variant == "fsq" and K in FSQ_LEVELS:
+        options["levels"] = FSQ_LEVELS[K]
+    q = build_quantizer(variant, K, D, **options).to(device).train()
 
     def step():
         out = q(z)
@@ -302,6 +310,13 @@ def targets(rows, cap_mib):
                     ": 2x is out of reach with torch's kernels" if at_floor > 2 else "")
             out.append((f"`{variant}` within 2x of `vq`, D={D} K={K}: {slowdown:.2f}x "
                         f"({r['min_ms']:.0f} vs {vq['min_ms']:.0f} ms){note}", slowdown <= 2))
+    for variant in SEARCH_FREE:
+        for D in DIMS:
+            for K in CODES:
+                r, vq = get.get((variant, D, K)), get.get(("vq", D, K))
+                if r and vq and r.get("min_ms") is not None and vq.get("min_ms") is not None:
+                    out.append((f"`{variant}` (no search) faster than `vq`, D={D} K={K}: {r['min_ms'] / vq['min_ms']:.2f}x "
+                                f"({r['min_ms']:.1f} vs {vq['min_ms']:.1f} ms)", r["min_ms"] < vq["min_ms"]))
     return out
 
 
@@ -335,7 +350,10 @@ def write_markdown(path, meta, rows, checks):
         "- `vqp`: vector-quantize-pytorch 1.32.0 `VectorQuantize(dim=D, codebook_size=K, learnable_codebook=True, "
         "ema_update=False, rotation_trick=False)`: learnable codebook, straight-through, commitment_weight=1 "
         "(not its default EMA codebook); input (B, H*W, D).",
-        "- Library variants: `build_quantizer(name, K, D, replacement=\"none\")`, train mode.",
+        "- Library variants: `build_quantizer(name, K, D, replacement=\"none\")`, train mode (the fixed tables of "
+        "`fsq`, `lfq`, `bsq` have no replacement option; `fsq` at K = 8192, which the FSQ paper's table lacks, "
+        "takes levels [8, 8, 8, 4, 4]; elsewhere its K is the table's: 1,000 for 1,024, 64,000 for 65,536). "
+        "`lfq` and `ibq` compute their released entropy over all K codes, `bsq` per bit.",
         "- Floors: `bound` plus the work any exact step of the variant must add, with torch's fastest kernels. "
         "`ns-vq-floor`: Eq. 17's logits (one matmul), one exp per (latent, code) pair (torch's fused softmax) and the "
         "weighted sums its gradient needs (one matmul), in the search's cache-sized tiles (a lower bound). "

@@ -9,7 +9,7 @@ import inspect
 
 from torch import nn
 
-from .base import Quantizer, QuantizerOutput
+from .base import MAINTENANCE_OPTIONS, Quantizer, QuantizerOutput
 from .bsq import BSQ
 from .diveq import DiVeQ, DiVeQDetach
 from .ema import EMA
@@ -60,7 +60,7 @@ def valid_options(cls: type) -> list[str]:
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.KEYWORD_ONLY and p.name not in names:
                 names.append(p.name)
-    return names
+    return names if getattr(cls, "maintained", True) else [n for n in names if n not in MAINTENANCE_OPTIONS]
 
 
 RENAMED_OPTIONS = {  # renamed when the defaults moved to the released code (docs/fidelity.md): old -> new
@@ -91,7 +91,7 @@ def build_quantizer(name: str, num_codes: int, dim: int, **options) -> nn.Module
     if renamed:
         raise ValueError("; ".join(f"quantizer option {old!r} was replaced by {RENAMED_OPTIONS[old]}" for old in renamed))
     allowed = valid_options(cls)
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(options) - set(allowed) - set(MAINTENANCE_OPTIONS))  # a fixed table says why it refuses these
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for quantizer {name!r}; valid: {', '.join(allowed)}")
     if options.get("replacement") not in (None, *POLICIES):

@@ -35,6 +35,10 @@ def vq_loss(z: torch.Tensor, c: torch.Tensor, beta: float) -> torch.Tensor:
     return F.mse_loss(c, z.detach()) + beta * F.mse_loss(z, c.detach())
 
 
+MAINTENANCE_OPTIONS = ("replacement", "replace_every", "replace_until", "dead_threshold", "replace_noise",
+                       "reservoir_size", "kmeans_init", "kmeans_iters", "no_replace_last")
+
+
 class Quantizer(nn.Module, abc.ABC):
     """Base of every variant. Options shared by all are the keyword arguments below."""
 
@@ -42,6 +46,7 @@ class Quantizer(nn.Module, abc.ABC):
     supports_code_space = True  # whether latents map into the raw codebook's space (reservoir, k-means)
     nearest_lookup = True  # whether inference tokens are nearest codes of lookup_space (Gumbel: logits' argmax)
     linear_lookup = True  # whether lookup_space's in_map alone takes latents there (FSQ: a nonlinear bound follows)
+    maintained = True  # whether codebook maintenance (replacement, k-means init) applies: not to fixed tables
     check_finite = True  # raise at once on non-finite latents (a host sync); a trainer that checks its loss turns it off
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,

@@ -17,7 +17,9 @@ def entropy_weight(step: int, base: float = 0.1, start_factor: float = 3.0, warm
 
 
 class BSQ(ImplicitQuantizer):
-    """``u = x/||x||``, ``q = (u + sg(sign(u) - u))/sqrt(d)`` (value ``sign(u)/sqrt(d)``, 0 -> -1; gradient
+    """Sign of the unit-normalised latent, scaled to the unit sphere, with a grouped entropy loss.
+
+    ``u = x/||x||``, ``q = (u + sg(sign(u) - u))/sqrt(d)`` (value ``sign(u)/sqrt(d)``, 0 -> -1; gradient
     ``I/sqrt(d)``); token big-endian; loss ``beta ||sg(q) - u||^2 + zeta (gamma0 H_s - gamma H_b)/tau`` weighted
     by the warm-up schedule of :func:`entropy_weight`, entropies over groups of ``group_size`` bits."""
 
@@ -33,7 +35,7 @@ class BSQ(ImplicitQuantizer):
         self.entropy_weight, self.entropy_start_factor = float(entropy_weight), float(entropy_start_factor)
         self.entropy_warmup, self.scaled_ste = int(entropy_warmup), bool(scaled_ste)
         self.step = 0
-        super().__init__(num_codes, dim, beta=beta, code_dim=d, **options)
+        super().__init__(num_codes, dim, d, beta=beta, **options)
         self._last = {}
 
     def code_table(self) -> torch.Tensor:

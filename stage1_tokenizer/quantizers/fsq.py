@@ -73,8 +73,10 @@ def mixed_radix(digits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 class FSQ(ImplicitQuantizer):
-    """Bound each of ``d = len(levels)`` coordinates, round to ``L_j`` values (straight-through), normalise to
-    ``[-1, 1]``; token = mixed-radix digits (first coordinate least significant); K = prod L; no loss."""
+    """A fixed grid: bound each coordinate, round it to one of L_j values (straight-through); K = prod L, no loss.
+
+    ``d = len(levels)`` coordinates, normalised to ``[-1, 1]``; token = mixed-radix digits (first coordinate least
+    significant)."""
 
     linear_lookup = False  # tokens come from bound(P_in(z)): no stock VQModel form
 
@@ -91,7 +93,7 @@ class FSQ(ImplicitQuantizer):
         self.bound = "ifsq" if ifsq else bound
         self.eps = float(eps)
         self._levels = levels
-        super().__init__(int(torch.tensor(levels).prod()), dim, code_dim=len(levels), **options)
+        super().__init__(int(torch.tensor(levels).prod()), dim, len(levels), **options)
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         self.register_buffer("edges", cell_edges(levels, self.bound, self.eps), persistent=False)
 

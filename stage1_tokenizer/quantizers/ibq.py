@@ -10,8 +10,9 @@ from .entropy import entropy
 
 
 class IBQ(Quantizer):
-    """Token ``argmax z.C``; ``z_q = (onehot - sg(s) + s) C`` with ``s = softmax(z C^T)``, so every code gets a
-    gradient; loss ``||z_q - z||^2 + ||sg(c) - z||^2 + beta ||c - sg(z)||^2 + entropy_weight (H_s - H_b)`` on
+    """A learned codebook whose straight-through one-hot passes a gradient to every code (argmax of ``z.C``).
+
+    ``z_q = (onehot - sg(s) + s) C`` with ``s = softmax(z C^T)``; loss ``||z_q - z||^2 + ||sg(c) - z||^2 + beta ||c - sg(z)||^2 + entropy_weight (H_s - H_b)`` on
     ``softmax(z C^T / T)``."""
 
     def __init__(self, num_codes: int, dim: int, *, entropy_weight: float = 0.05, temperature: float = 0.01,
@@ -49,12 +50,15 @@ class IBQ(Quantizer):
         logits = z @ self.codebook.T
         soft = torch.softmax(logits, dim=1)
         idx = soft.argmax(1)
-        hard = torch.zeros_like(soft).scatter_(1, idx[:, None], 1.0)
-        zq = (hard - soft.detach() + soft) @ self.codebook
         c = self.codebook[idx]
+        # (onehot - sg(s) + s) C without the dense one-hot: the value C[i*]; C's gradient through the one-hot
+        # (the gather) and through s, and z's through s, exactly as the released product
+        spread = soft @ self.codebook.detach()
+        zq = c + (spread - spread.detach())
         quant = F.mse_loss(zq, z) + F.mse_loss(z, c.detach()) + self.beta * F.mse_loss(c, z.detach())
-        p = torch.softmax(logits / self.temperature, dim=1)
-        h_sample = -(p * torch.log_softmax(logits / self.temperature, dim=1)).sum(1).mean()
+        log_p = torch.log_softmax(logits / self.temperature, dim=1)
+        p = log_p.exp()
+        h_sample = -(p * log_p).sum(1).mean()
         h_batch = entropy(p.mean(0), eps=1e-5)
         self._last = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
         return zq, idx, quant + self.entropy_weight * (h_sample - h_batch)

@@ -7,7 +7,7 @@ import abc
 import torch
 from torch import nn
 
-from .base import Quantizer
+from .base import MAINTENANCE_OPTIONS, Quantizer
 
 
 def code_bits(num_codes: int, name: str) -> int:
@@ -23,11 +23,12 @@ class ImplicitQuantizer(Quantizer):
     = P_out(C)`` (an explicit K x D table, so lookup, export and the priors treat it like any codebook)."""
 
     supports_code_space = False  # a fixed table: nothing to initialise or replace
+    maintained = False
 
-    def __init__(self, num_codes: int, dim: int, *, code_dim: int, **options):
-        name = type(self).__name__
-        if options.get("replacement") not in (None, "none") or options.get("kmeans_init"):
-            raise ValueError(f"{name} has a fixed implicit codebook: codebook replacement and kmeans_init do not apply")
+    def __init__(self, num_codes: int, dim: int, code_dim: int, **options):
+        if set(options) & set(MAINTENANCE_OPTIONS):
+            raise ValueError(f"{type(self).__name__} has a fixed implicit codebook: codebook maintenance "
+                             f"({', '.join(sorted(set(options) & set(MAINTENANCE_OPTIONS)))}) does not apply")
         self._code_dim = int(code_dim)
         super().__init__(num_codes, dim, **options)
         projected = self.dim != self._code_dim

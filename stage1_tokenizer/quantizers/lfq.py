@@ -10,9 +10,10 @@ from .implicit import ImplicitQuantizer, code_bits
 
 
 class LFQ(ImplicitQuantizer):
-    """``q = sign(x)`` in ``{-1, 1}^d``, ``d = log2 K``, straight-through; token ``sum_j [q_j > 0] 2^j``
-    (little-endian, Open-MAGVIT2); loss ``entropy_weight (H_s - H_b) + beta ||x - sg(q)||^2``, the entropies of
-    ``softmax(2 x.c / T)`` over all ``2^d`` codes."""
+    """Sign of each of d = log2 K coordinates (straight-through), with an entropy loss over all 2^d codes.
+
+    ``q = sign(x)`` in ``{-1, 1}^d``; token ``sum_j [q_j > 0] 2^j`` (little-endian, Open-MAGVIT2); loss
+    ``entropy_weight (H_s - H_b) + beta ||x - sg(q)||^2``, the entropies of ``softmax(2 x.c / T)``."""
 
     def __init__(self, num_codes: int, dim: int, *, entropy_weight: float = 0.1, temperature: float = 0.01,
                  entropy_group: int | None = None, **options):
@@ -23,7 +24,7 @@ class LFQ(ImplicitQuantizer):
         self.entropy_group = d if entropy_group is None else int(entropy_group)  # released: the exact joint entropy
         if self.entropy_group < 1 or d % self.entropy_group:
             raise ValueError(f"entropy_group must divide the {d} bits; got {entropy_group}")
-        super().__init__(num_codes, dim, code_dim=d, **options)  # Open-MAGVIT2's commitment weight 0.25 is beta
+        super().__init__(num_codes, dim, d, **options)  # Open-MAGVIT2's commitment weight 0.25 is beta
         self._last = {}
 
     def code_table(self) -> torch.Tensor:
@@ -34,7 +35,7 @@ class LFQ(ImplicitQuantizer):
 
     def entropies(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(H_s, H_b) of ``p_i = softmax(2 x_i.C^T / T)``: bit ``j`` has logit ``4 x_ij / T``, so the per-sample
-        entropy is a sum of binary entropies and the batch entropy a mean of softmaxes (``entropy.py``)."""
+        entropy is a sum of binary entropies and the batch distribution a product of two halves (``entropy.py``)."""
         a = 4 * x / self.temperature
         h_sample = binary_entropy(a).sum(1).mean()
         h_batch = group_batch_entropy(a, self.entropy_group, eps=1e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from stage1_tokenizer.quantizers import build_quantizer, nearest_code
 from stage1_tokenizer.quantizers.bsq import entropy_weight
-from stage1_tokenizer.quantizers.entropy import group_batch_entropy, mean_softmax
+from stage1_tokenizer.quantizers.entropy import group_batch_entropy, mean_code_distribution
 from stage1_tokenizer.quantizers.fsq import levels_for
 
 
@@ -172,18 +172,17 @@ def test_lfq_grouped_batch_entropy_is_an_upper_bound_of_the_joint_one():
     torch.testing.assert_close(group_batch_entropy(a, 6, 1e-5), joint, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_batch_softmax_equals_the_whole_one_with_gradients():
-    """The 2^d-way softmax is held a chunk at a time (forward and backward): same value, same gradient."""
-    x = torch.randn(37, 4, requires_grad=True)
-    w = torch.randn(16, 4, requires_grad=True)
-    fn = lambda a, b: a @ b.T  # noqa: E731
-    whole = torch.softmax(x @ w.T, 1).mean(0)
-    chunked = mean_softmax(fn, x, w, width=16, max_elements=16 * 5)
-    torch.testing.assert_close(chunked, whole)
-    g = torch.randn(16)
-    gx, gw = torch.autograd.grad((whole * g).sum(), (x, w))
-    cx, cw = torch.autograd.grad((chunked * g).sum(), (x, w))
-    torch.testing.assert_close(cx, gx), torch.testing.assert_close(cw, gw)
+@pytest.mark.parametrize("d", [1, 5, 12])
+def test_batch_distribution_by_halves_equals_the_full_softmax_with_gradients(d):
+    """The mean over tokens of the 2^d-way softmax, from the two halves' distributions by one matrix product:
+    the same distribution (up to code order) and the same gradient as the full softmax."""
+    x = (torch.randn(40, d, dtype=torch.float64) * 0.02).requires_grad_()  # float64: 4,096-way sums stay exact
+    full = torch.softmax(2 * x @ all_signs(d).double().T / 0.01, 1).mean(0)
+    halves = mean_code_distribution(4 * x / 0.01)
+    torch.testing.assert_close(halves.sort().values, full.sort().values)
+    gx = torch.autograd.grad(plain_entropy(full, 1e-5), x)[0]
+    hx = torch.autograd.grad(plain_entropy(halves, 1e-5), x)[0]
+    torch.testing.assert_close(hx, gx)
 
 
 def test_lfq_matches_vector_quantize_pytorch():
@@ -289,6 +288,25 @@ def test_ibq_value_loss_and_gradient_to_every_code():
     flat(out.quantized).pow(2).sum().backward()
     assert (q.codebook.grad.abs().sum(1) > 0).all(), "a code got no gradient"
     assert z.grad.abs().sum() > 0
+
+
+def test_ibq_gradients_equal_the_released_dense_one_hot_product():
+    """``z_q = (onehot - sg(s) + s) C`` written out densely gives the same gradients to z and to every code."""
+    q = build_quantizer("ibq", 16, 4, entropy_weight=0.0)
+    z = torch.randn(30, 4, requires_grad=True)
+    g = torch.randn(30, 4)
+    out = q(as_image(z))
+    torch.autograd.backward([flat(out.quantized), out.loss], [g, torch.ones(())])
+    C = q.codebook.detach().clone().requires_grad_()
+    zr = z.detach().clone().requires_grad_()
+    s = torch.softmax(zr @ C.T, 1)
+    hard = F.one_hot(s.argmax(1), 16).float()
+    zq = (hard - s.detach() + s) @ C
+    c = C[s.argmax(1)]
+    loss = F.mse_loss(zq, zr) + F.mse_loss(zr, c.detach()) + 0.25 * F.mse_loss(c, zr.detach())
+    torch.autograd.backward([zq, loss], [g, torch.ones(())])
+    torch.testing.assert_close(z.grad, zr.grad)
+    torch.testing.assert_close(q.codebook.grad, C.grad)
 
 
 def test_ibq_augmented_table_makes_argmax_a_nearest_code_lookup():
