@@ -86,6 +86,11 @@ def run_variant(name: str, stream, steps: int, num_codes: int, lr: float, record
     identity (learnable when ``learn_encoder``, else fixed); return curves, code trajectory and final scores."""
     torch.manual_seed(seed)
     options = {"warmup": steps // 10} if name.startswith("sf-") else {}
+    if name == "fsq":  # a 2-D toy: the grid is L x L, its own coordinates
+        side = math.isqrt(num_codes)
+        if side * side != num_codes or side < 3:
+            raise ValueError(f"the 2-D toy's fsq grid is L x L (L >= 3): num_codes must be a square such as 16; got {num_codes}")
+        options["levels"] = [side, side]
     q = build_quantizer(name, num_codes, 2, **options)
     enc, dec = nn.Linear(2, 2), nn.Linear(2, 2)
     for layer in (enc, dec):
