@@ -81,7 +81,8 @@ def evaluate_tokenizer(run_dir: str | Path, data: str | None = None, num_images:
     source = data or cfg.data.source
     dataset = build_dataset(source, cfg.model.resolution, cfg.model.in_channels, "test", None, cfg.data.holdout)
     modes = [False, True] if any(isinstance(q, SFDiVeQ) for q in base_quantizers(model.quantize)) else [False]
-    result = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, "data": source, "split": "test",
+    # the quantizer's own K: fsq's is the product of its levels (1,000 for a configured 1,024)
+    result = {"quantizer": cfg.quantizer.name, "num_codes": model.quantize.num_codes, "data": source, "split": "test",
               "fid_mode": fid_mode}
     for hard in modes:
         orig, recon, counts, mse = reconstruct_all(model, dataset, num_images, batch_size, hard)

@@ -78,6 +78,9 @@ def read_run(run: Path) -> dict:
     q = cfg.get("quantizer", {})
     freeze_at = (cfg.get("schedule") or {}).get("freeze_encoder_at")
     variant = q.get("name", "?") + (f" (encoder frozen @{freeze_at})" if freeze_at is not None else "")
+    own_k = evaluation.get("num_codes")  # the tokenizer's own K where it is not the configured one (fsq: prod levels)
+    if own_k is not None and own_k != q.get("num_codes"):
+        variant += f" ({own_k:,} codes)"
     return {"dir": str(run), "quantizer": q.get("name", "?"), "variant": variant, "freeze_at": freeze_at,
             "num_codes": q.get("num_codes"),
             "seed": cfg.get("train", {}).get("seed"), "data_fit": run_info.get("data_fit"), "curves": curves, "eval": evaluation, "generation": generation,
