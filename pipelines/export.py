@@ -34,7 +34,8 @@ from stage1_tokenizer.lookup_tokenizer import VQLookupTokenizer
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import ResidualVQ
 from stage1_tokenizer.train import load_run
-from stage2_prior import vqgpt_pipeline
+from stage2_prior import cond_ldm_pipeline, vqgpt_pipeline
+from stage2_prior.cond_ldm_pipeline import ClassConditionalLDMPipeline
 from stage2_prior.vqgpt_pipeline import VQGPTPipeline
 
 from .redact import dataset_name, find_local_paths, local_roots, redact
@@ -50,7 +51,8 @@ def stock_incompatibility(tokenizer: VQTokenizer) -> str | None:
     if not q.nearest_lookup:
         return f"{tokenizer.config.quantizer} tokens are the argmax of learned logits, not nearest codes"
     if not q.linear_lookup:
-        return f"{tokenizer.config.quantizer} bounds latents with a nonlinear map before rounding; VQModel's maps are linear"
+        return (f"{tokenizer.config.quantizer} bounds latents with a nonlinear map before rounding; "
+                "VQModel's maps are linear")
     return None
 
 
@@ -169,7 +171,8 @@ def _prior_run(prior_dir: Path, dataset: str | None = None) -> tuple[dict, dict,
     return run, cfg, tokenizer, redact(facts)
 
 
-REMOTE_MODULES = {VQGPTPipeline: vqgpt_pipeline, VQLookupTokenizer: lookup_tokenizer}
+REMOTE_MODULES = {VQGPTPipeline: vqgpt_pipeline, VQLookupTokenizer: lookup_tokenizer,
+                  ClassConditionalLDMPipeline: cond_ldm_pipeline}
 
 
 def _ship_remote_code(out_dir: Path, pipe) -> None:
@@ -210,6 +213,13 @@ def _save(pipe, out_dir: Path, sidecar: dict, sources: list) -> Path:
     return out_dir
 
 
+def _classes(run: dict) -> dict:
+    """The sidecar's ``classes`` ({index: name}) of a class-conditional prior run; nothing for an unconditional one."""
+    n = run.get("num_classes") or 0
+    names = run.get("id2label") or {}
+    return {"classes": {str(i): names.get(str(i), str(i)) for i in range(n)}} if n else {}
+
+
 def export_gpt(prior_dir: str | Path, out_dir: str | Path, dataset: str | None = None) -> Path:
     """A ``VQGPTPipeline`` folder from a finished GPT prior run."""
     prior_dir, out_dir = Path(prior_dir), Path(out_dir)
@@ -217,25 +227,34 @@ def export_gpt(prior_dir: str | Path, out_dir: str | Path, dataset: str | None =
     if run.get("kind") != "gpt":
         raise ValueError(f"{prior_dir} is a {run.get('kind')} run, not a gpt run")
     transformer = GPT2LMHeadModel.from_pretrained(prior_dir / "transformer").eval()
+    guidance = {k: run[k] for k in ("top_p", "guidance_scale", "cfg_interval", "label_dropout", "id2label") if k in run}
     pipe = VQGPTPipeline(vqvae=export_tokenizer(tokenizer), transformer=transformer, num_codes=run["num_codes"],
                          grid=run["grid"], top_k=run["top_k"], temperature=run["temperature"],
-                         num_classes=run["num_classes"])
-    return _save(pipe, out_dir, {**facts, "pipeline": "VQGPTPipeline",
-                                 "sampling": {"top_k": run["top_k"], "temperature": run["temperature"]}},
+                         num_classes=run["num_classes"], **guidance)
+    sampling = {"top_k": run["top_k"], "temperature": run["temperature"],
+                **{k: v for k, v in guidance.items() if k not in ("label_dropout", "id2label")}}
+    return _save(pipe, out_dir, {**facts, "pipeline": "VQGPTPipeline", "sampling": sampling, **_classes(run)},
                  [prior_dir, run["tokenizer"]])
 
 
 def export_ldm(prior_dir: str | Path, out_dir: str | Path, dataset: str | None = None) -> Path:
-    """A stock ``LDMPipeline`` folder (vqvae + unet + DDIM scheduler) from a finished LDM prior run."""
+    """A stock ``LDMPipeline`` folder (vqvae + unet + DDIM scheduler) from a finished LDM prior run; a
+    class-conditional one is a ``ClassConditionalLDMPipeline`` (its module shipped as remote code)."""
     prior_dir, out_dir = Path(prior_dir), Path(out_dir)
     run, cfg, tokenizer, facts = _prior_run(prior_dir, dataset)
     if run.get("kind") != "ldm":
         raise ValueError(f"{prior_dir} is a {run.get('kind')} run, not an ldm run")
     tokenizer.register_to_config(scaling_factor=run["scaling_factor"], latents_mean=run.get("latents_mean"))
-    pipe = LDMPipeline(vqvae=export_tokenizer(tokenizer), unet=UNet2DModel.from_pretrained(prior_dir / "unet"),
-                       scheduler=DDIMScheduler.from_pretrained(prior_dir / "scheduler"))
+    parts = dict(vqvae=export_tokenizer(tokenizer), unet=UNet2DModel.from_pretrained(prior_dir / "unet"),
+                 scheduler=DDIMScheduler.from_pretrained(prior_dir / "scheduler"))
     sampling = {"num_inference_steps": cfg["ldm"]["num_inference_steps"], "eta": cfg["ldm"]["eta"]}
-    return _save(pipe, out_dir, {**facts, "pipeline": "LDMPipeline", "sampling": sampling},
+    if run.get("num_classes"):
+        pipe = ClassConditionalLDMPipeline(**parts, num_classes=run["num_classes"],
+                                           guidance_scale=run.get("guidance_scale", 1.0), id2label=run.get("id2label"))
+        sampling["guidance_scale"] = run.get("guidance_scale", 1.0)
+    else:
+        pipe = LDMPipeline(**parts)
+    return _save(pipe, out_dir, {**facts, "pipeline": type(pipe).__name__, "sampling": sampling, **_classes(run)},
                  [prior_dir, run["tokenizer"]])
 
 

@@ -86,6 +86,8 @@ def usage_code(sidecar: dict, source: str, remote_code: bool, batch_size: int = 
     kwargs = f"batch_size={batch_size}, generator=torch.Generator().manual_seed(0)"
     if sidecar.get("pipeline") != "VQGPTPipeline":
         kwargs += "".join(f", {k}={v!r}" for k, v in sidecar.get("sampling", {}).items())
+    if classes := sidecar.get("classes"):  # one image per class in turn
+        kwargs += f", class_labels={[i % len(classes) for i in range(batch_size)]}"
     return ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained({json.dumps(source)}{trust})\n"
             f"images = pipe({kwargs}).images  # PIL images\n")
@@ -132,9 +134,20 @@ and perplexity on the held-out split.
 ```python
 {usage_code(sidecar, repo_id, bool(remote_files))}```
 
-{remote_note}{tokenizer_note}
+{_classes_note(sidecar)}{remote_note}{tokenizer_note}
 """
     return ModelCard(body)
+
+
+def _classes_note(sidecar: dict) -> str:
+    """The card's paragraph on a class-conditional pipeline: what ``class_labels`` index and the guidance scale."""
+    classes = sidecar.get("classes")
+    if not classes:
+        return ""
+    names = ", ".join(f"{i} `{name}`" for i, name in classes.items())
+    scale = sidecar.get("sampling", {}).get("guidance_scale", 1.0)
+    return (f"Class-conditional: `class_labels` (one per image) index {names}; classifier-free guidance scale "
+            f"{scale:g} by default (`guidance_scale=`; 1: none, 0: the unconditional model).\n\n")
 
 
 def validate_card(card: ModelCard) -> None:

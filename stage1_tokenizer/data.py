@@ -1,7 +1,8 @@
 """Image sources for training and evaluation: bundled MNIST, procedural shapes, folders, HF imagefolders.
 
 Every dataset yields ``(image, label)`` with ``image`` a float tensor in [-1, 1] of shape
-(channels, resolution, resolution) and ``label`` an int (-1 when the source has none).
+(channels, resolution, resolution) and ``label`` an int (-1 when the source has none); ``class_names(ds)`` names
+the labels (MNIST's digits, a folder's class subfolders, a Hugging Face label feature).
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ class TensorImages(Dataset):
     as image by image), so loading a batch is indexing, not resizing, on the training step's critical path."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, resolution: int, channels: int,
-                 random_crop: bool = False):
-        self.images, self.labels, self.channels = images, labels, channels
+                 random_crop: bool = False, classes: list[str] | None = None):
+        self.images, self.labels, self.channels, self.classes = images, labels, channels, classes or []
         self.transform = image_transform(resolution, random_crop)
         self.ready = None if random_crop else self.transform(images)
 
@@ -103,6 +104,8 @@ class TensorImages(Dataset):
 
 class Shapes(Dataset):
     """Procedural coloured shapes, image ``i`` drawn from seed ``seed + i``: deterministic, for tests."""
+
+    classes = ["group 0", "group 1", "group 2", "group 3"]  # image i is in group i mod 4: labels for tests
 
     def __init__(self, size: int, resolution: int, channels: int, seed: int = 0):
         self.size, self.resolution, self.channels, self.seed = size, resolution, channels, seed
@@ -141,11 +144,25 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
 
 
-class ImageFiles(Dataset):
-    """Images from files; unreadable ones are skipped with a warning naming the file, and counted."""
+def folder_classes(roots: list[Path]) -> list[str]:
+    """Class names of torchvision's ``ImageFolder`` layout (every image of every root in an immediate subfolder, at
+    least two of them), sorted, shared by the roots (a folder's splits); [] for any other layout."""
+    names = set()
+    for root in roots:
+        parts = [f.relative_to(root).parts for f in image_files(root)]
+        if not parts or any(len(p) != 2 for p in parts):
+            return []
+        names |= {p[0] for p in parts}
+    return sorted(names) if len(names) > 1 else []
 
-    def __init__(self, files: list[Path], resolution: int, channels: int):
-        self.files, self.skipped = [], []
+
+class ImageFiles(Dataset):
+    """Images from files; unreadable ones are skipped with a warning naming the file, and counted. With
+    ``classes`` (an ``ImageFolder`` layout under ``root``) each image's label is its subfolder's index."""
+
+    def __init__(self, files: list[Path], resolution: int, channels: int, classes: list[str] | None = None,
+                 root: Path | None = None):
+        self.files, self.skipped, self.classes = [], [], classes or []
         for path in files:
             try:
                 with Image.open(path) as im:
@@ -154,6 +171,8 @@ class ImageFiles(Dataset):
             except Exception as e:  # PIL raises many types for corrupt files
                 logger.warning("skipping unreadable image %s (%s)", path, e)
                 self.skipped.append(str(path))
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [index[p.relative_to(root).parts[0]] if self.classes else -1 for p in self.files]
         self.channels = channels
         self.transform = image_transform(resolution)
 
@@ -167,7 +186,7 @@ class ImageFiles(Dataset):
                 img = decode(im, self.channels)
         except Exception as e:
             raise OSError(f"image {path} passed verification but failed to decode: {e}") from e
-        return self.transform(img), -1
+        return self.transform(img), self.labels[i]
 
 
 class HFImages(Dataset):
@@ -181,6 +200,8 @@ class HFImages(Dataset):
         ds = datasets.load_dataset("imagefolder", data_dir=data_dir)
         self.ds = ds[split] if split in ds else ds["train"]
         self.channels, self.transform = channels, image_transform(resolution)
+        label = self.ds.features.get("label")
+        self.classes = list(getattr(label, "names", None) or [])
 
     def __len__(self):
         return len(self.ds)
@@ -226,7 +247,8 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
     if source == "mnist":
         x, y = load_mnist(split)
         # only the images asked for are transformed up front (the Subset below would keep just those)
-        ds: Dataset = TensorImages(x[:num_images], y[:num_images], resolution, channels, random_crop)
+        ds: Dataset = TensorImages(x[:num_images], y[:num_images], resolution, channels, random_crop,
+                                   classes=[str(d) for d in range(10)])
     elif source == "shapes":
         ds = Shapes(num_images or 4096, resolution, channels, seed=0 if split == "train" else 10_000_000)
     elif source.startswith("hf:"):
@@ -236,10 +258,11 @@ def build_dataset(source: str, resolution: int, channels: int, split: str = "tra
         if not root.is_dir():
             raise ValueError(f"data source {source!r} is not mnist, shapes, hf:<dir> or an existing folder")
         files = folder_files(root, split, holdout)
+        where = root / split if split_folders(root) else root
         if not files:
-            where = root / split if split_folders(root) else root
             raise ValueError(f"no images found under {where} (looked for {', '.join(sorted(Image.registered_extensions())[:8])}, ...)")
-        ds = ImageFiles(files, resolution, channels)
+        classes = folder_classes([root / s for s in SPLIT_FOLDERS] if split_folders(root) else [root])
+        ds = ImageFiles(files, resolution, channels, classes, where)
         if len(ds) == 0:
             raise ValueError(f"no readable images under {root} for split {split!r} ({len(ds.skipped)} unreadable)")
     if random_crop and not isinstance(ds, TensorImages):
@@ -264,6 +287,12 @@ def content_fingerprint(ds: Dataset) -> str:
             h.update(inner[i][0].numpy().tobytes())
     h.update(f"|{ds[0][0].shape}".encode())  # the resize and channels the images go through
     return h.hexdigest()
+
+
+def class_names(ds: Dataset) -> list[str]:
+    """Names of the labels ``ds`` yields, by index ([] when it has none)."""
+    inner = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    return list(getattr(inner, "classes", []))
 
 
 def skipped_files(ds: Dataset) -> list[str]:

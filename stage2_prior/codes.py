@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_tokenizer.data import build_dataset
+from stage1_tokenizer.data import build_dataset, class_names
 from stage1_tokenizer.train import load_run
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ class CodeCache:
     scaling_factor: float
     tokenizer_hash: str
     num_images: int | None = None  # what was asked of encode_run (None: the tokenizer's own training images)
+    classes: list[str] = field(default_factory=list)  # the labels' names, by index ([] when unnamed)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.classes)) if self.num_classes else {}
 
     @property
     def num_classes(self) -> int:
@@ -78,6 +83,7 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
         labels.append(torch.as_tensor(y))
     idx, labels = torch.cat(indices), torch.cat(labels).long()
     latents = torch.cat([model.lookup_latents(chunk.to(device)).float().cpu() for chunk in idx.split(batch_size)])
+    classes = class_names(dataset)
     scaling = float(1.0 / latents.std().clamp_min(1e-8))
     digest = tokenizer_hash(run / "tokenizer")
     path = cache_path(run)
@@ -87,12 +93,12 @@ def encode_run(run_dir: str | Path, batch_size: int = 256, device: str | None = 
                "labels": labels.contiguous()}, str(tmp),
               metadata={"tokenizer_hash": digest, "num_codes": str(model.quantize.num_codes),
                         "scaling_factor": repr(scaling), "source": cfg.data.source,
-                        "num_images": "" if num_images is None else str(num_images)})
+                        "num_images": "" if num_images is None else str(num_images), "classes": json.dumps(classes)})
     tmp.replace(path)
     model.register_to_config(scaling_factor=scaling)
     model.save_config(run / "tokenizer")  # the scale travels with the tokenizer (and its export)
     logger.info("cached %d code grids %s (scaling_factor %.4f) in %s", len(idx), tuple(idx.shape[1:]), scaling, path)
-    return CodeCache(idx, latents, labels, model.quantize.num_codes, scaling, digest, num_images)
+    return CodeCache(idx, latents, labels, model.quantize.num_codes, scaling, digest, num_images, classes)
 
 
 def read_cache(path: Path) -> CodeCache:
@@ -101,7 +107,8 @@ def read_cache(path: Path) -> CodeCache:
         tensors = {k: f.get_tensor(k) for k in ("indices", "latents", "labels")}
     num_images = int(meta["num_images"]) if meta.get("num_images") else None  # "" (or absent): the tokenizer's own
     return CodeCache(tensors["indices"].long(), tensors["latents"], tensors["labels"], int(meta["num_codes"]),
-                     float(meta["scaling_factor"]), meta["tokenizer_hash"], num_images)
+                     float(meta["scaling_factor"]), meta["tokenizer_hash"], num_images,
+                     json.loads(meta.get("classes") or "[]"))  # caches written before names: unnamed
 
 
 def load_codes(run_dir: str | Path, batch_size: int = 256, num_images: int | None = None) -> CodeCache:

@@ -24,6 +24,7 @@ class GPTConfig:
     p_keep_start: float = 0.5  # keep probability at step 0 ...
     p_keep_end: float = 0.95  # ... rising on a cosine to this at the last step
     class_conditional: bool = False  # a class token replaces the start token (labelled data only)
+    label_dropout: float = 0.1  # LlamaGen's class_dropout_prob: the null class (the start token) learns p(x) for guidance
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -46,6 +47,8 @@ class LDMConfig:
     eta: float = 0.0
     prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (LDM) | v_prediction (Salimans & Ho 2022)
     center_latents: bool = False  # subtract the cache's per-channel mean before 1/std (docs/methods.md: scale only)
+    class_conditional: bool = False  # a class embedding (n + 1 rows, the last null) added to the time embedding
+    label_dropout: float = 0.1  # labels dropped to the null class, for classifier-free guidance
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -59,6 +62,9 @@ class SampleConfig:
 
     top_k: int | None = None
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus after top-k (LlamaGen's order); 1: off
+    guidance_scale: float = 1.0  # classifier-free guidance of a class-conditional prior; 1: none
+    cfg_interval: int = -1  # GPT: guide only the first m + 2 codes (LlamaGen); -1: every code
     num_samples: int = 16  # images in each sample grid during training; 0: none
     seed: int = 0
 
@@ -103,6 +109,8 @@ class PriorConfig:
             raise ValueError(f"unknown prior kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if not 0 < self.gpt.p_keep_start <= self.gpt.p_keep_end <= 1:
             raise ValueError("need 0 < gpt.p_keep_start <= gpt.p_keep_end <= 1")
+        if not 0 <= self.gpt.label_dropout < 1 or not 0 <= self.ldm.label_dropout < 1 or not 0 < self.sample.top_p <= 1:
+            raise ValueError("need 0 <= gpt.label_dropout < 1, 0 <= ldm.label_dropout < 1 and 0 < sample.top_p <= 1")
 
 
 def load_prior_config(kind: str, preset: str, overrides: list[str] | None = None) -> PriorConfig:

@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .config import GPTConfig
+from .labels import drop_labels
 from .vqgpt_pipeline import start_tokens
 
 
@@ -40,8 +41,11 @@ def corrupt(tokens: torch.Tensor, p_keep: float, num_codes: int, generator: torc
 
 
 def training_pair(seq: torch.Tensor, num_codes: int, p_keep: float, labels: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets): inputs = [start, corrupted codes[:-1]], targets = the uncorrupted codes."""
+                  generator: torch.Generator | None = None, label_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets): inputs = [start or class token, corrupted codes[:-1]], targets = the uncorrupted codes;
+    labels dropped to the null class with probability ``label_dropout``."""
+    if labels is not None and label_dropout > 0:
+        labels = drop_labels(labels, label_dropout, generator)
     start = start_tokens(seq.shape[0], num_codes, labels).to(seq.device)
     inputs = torch.cat([start, corrupt(seq[:, :-1], p_keep, num_codes, generator)], dim=1)
     return inputs, seq

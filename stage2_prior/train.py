@@ -29,8 +29,10 @@ from stage1_tokenizer.train import load_run
 
 from .attention import fit_attention
 from .codes import load_codes
+from .cond_ldm_pipeline import ClassConditionalLDMPipeline
 from .config import PriorConfig, default_top_k
 from .gpt import build_gpt, p_keep_at, training_pair
+from .labels import drop_labels, unet_labels
 from .ldm import build_noise_scheduler, build_unet, diffusion_loss, sampling_scheduler
 from .vqgpt_pipeline import codes_to_sequence, generation_config, sample_sequences, sequence_to_codes, start_tokens
 
@@ -161,7 +163,8 @@ class PriorTrainer(TrainLoop):
                "tokenizer_hash": self.codes.tokenizer_hash, "status": "finished" if step >= self.total_steps else "stopped",
                "step": step, "total_steps": self.total_steps, "seconds_this_session": round(seconds, 1),
                "num_training_codes": len(self.codes.indices) - len(self.val[0]), "world_size": self.acc.num_processes,
-               "mixed_precision": self.acc.mixed_precision, **self._validation_summary(), **extra}
+               "mixed_precision": self.acc.mixed_precision, "id2label": self.codes.id2label,
+               **self._validation_summary(), **extra}
         write_atomic(self.out / "run.json", json.dumps(run, indent=2))
 
 
@@ -177,6 +180,9 @@ class GPTTrainer(PriorTrainer):
             self.num_classes = codes.num_classes
             if self.num_classes == 0:
                 raise ValueError("gpt.class_conditional needs labelled data; this tokenizer's dataset has no labels")
+        if cfg.sample.guidance_scale != 1.0 and not (self.num_classes and cfg.gpt.label_dropout > 0):
+            raise ValueError("sample.guidance_scale needs gpt.class_conditional with gpt.label_dropout > 0 (the null "
+                             "class is what guidance subtracts)")
         self.seq_len = seq.shape[1]
         self.top_k = min(cfg.sample.top_k or default_top_k(codes.num_codes), codes.num_codes)
         model = fit_attention(build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes), self.acc.device)
@@ -206,7 +212,8 @@ class GPTTrainer(PriorTrainer):
         seq, labels = batch
         K = self.codes.num_codes
         with self.acc.accumulate(self.model):
-            inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None)
+            inputs, targets = training_pair(seq, K, self.p_keep, labels if self.num_classes else None,
+                                            label_dropout=self.cfg.gpt.label_dropout)
             logits = self.train_model(input_ids=inputs, use_cache=False).logits  # teacher forcing reads no KV cache
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             self._optimise(loss, step)
@@ -219,8 +226,10 @@ class GPTTrainer(PriorTrainer):
         was_training = model.training
         model.eval()
         labels = torch.arange(n) % self.num_classes if self.num_classes else None
-        seq = sample_sequences(model, n, self.codes.num_codes, self.seq_len, self.top_k, self.cfg.sample.temperature,
-                               torch.Generator().manual_seed(seed), labels)
+        s = self.cfg.sample
+        seq = sample_sequences(model, n, self.codes.num_codes, self.seq_len, self.top_k, s.temperature,
+                               torch.Generator().manual_seed(seed), labels, top_p=s.top_p,
+                               guidance_scale=s.guidance_scale if self.num_classes else 1.0, cfg_interval=s.cfg_interval)
         model.train(was_training)
         images = self.tokenizer.decode_indices(sequence_to_codes(seq, self.grid))
         return (images.float().clamp(-1, 1) + 1) / 2
@@ -230,7 +239,10 @@ class GPTTrainer(PriorTrainer):
         if self.acc.is_main_process:
             self.unwrapped.save_pretrained(final, safe_serialization=True)
             self._run_json(step, seconds, grid=list(self.grid), seq_len=self.seq_len, num_codes=self.codes.num_codes,
-                           num_classes=self.num_classes, top_k=self.top_k, temperature=self.cfg.sample.temperature)
+                           num_classes=self.num_classes, top_k=self.top_k, temperature=self.cfg.sample.temperature,
+                           top_p=self.cfg.sample.top_p, guidance_scale=self.cfg.sample.guidance_scale,
+                           cfg_interval=self.cfg.sample.cfg_interval,
+                           label_dropout=self.cfg.gpt.label_dropout if self.num_classes else 0.0)
         self.acc.wait_for_everyone()
         return final
 
@@ -251,7 +263,13 @@ class LDMTrainer(PriorTrainer):
         _, channels, h, w = latents.shape
         if h != w:
             raise ValueError(f"the LDM needs square latent grids, got {h}x{w}")
-        unet = fit_attention(build_unet(self.cfg.ldm, channels, h), self.acc.device)
+        self.num_classes = self.codes.num_classes if self.cfg.ldm.class_conditional else 0
+        if self.cfg.ldm.class_conditional and self.num_classes == 0:
+            raise ValueError("ldm.class_conditional needs labelled data; this tokenizer's dataset has no labels")
+        if self.cfg.sample.guidance_scale != 1.0 and not (self.num_classes and self.cfg.ldm.label_dropout > 0):
+            raise ValueError("sample.guidance_scale needs ldm.class_conditional with ldm.label_dropout > 0 (the null "
+                             "class is what guidance subtracts)")
+        unet = fit_attention(build_unet(self.cfg.ldm, channels, h, self.num_classes), self.acc.device)
         self.noise_scheduler = build_noise_scheduler(self.cfg.ldm)
         self.ema = EMAModel(unet.parameters(), decay=self.cfg.ldm.ema_decay, model_cls=type(unet),
                             model_config=unet.config)
@@ -263,13 +281,14 @@ class LDMTrainer(PriorTrainer):
     def _heldout(self, examples, which: str) -> float:
         """The diffusion loss with noise and timesteps fixed per example (drawn once from the run's seed), so
         successive validations differ only by the weights."""
-        latents = examples[0]
+        latents, labels = examples
         g = torch.Generator().manual_seed(self.cfg.train.seed + (which == "train"))
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         device, total, size = self.acc.device, 0.0, 4 * self.cfg.train.batch_size
-        for x, n, tt in zip(latents.split(size), noise.split(size), t.split(size)):
-            loss = diffusion_loss(self.unwrapped, self.noise_scheduler, x.to(device), n.to(device), tt.to(device))
+        for x, n, tt, y in zip(latents.split(size), noise.split(size), t.split(size), labels.split(size)):
+            y = y.to(device) if self.num_classes else None
+            loss = diffusion_loss(self.unwrapped, self.noise_scheduler, x.to(device), n.to(device), tt.to(device), y)
             total += loss.item() * len(x)
         return total / len(latents)
 
@@ -277,9 +296,10 @@ class LDMTrainer(PriorTrainer):
         self.acc.register_for_checkpointing(self.ema)
 
     def _step(self, batch, step: int) -> dict:
-        latents, _ = batch
+        latents, labels = batch
+        y = unet_labels(drop_labels(labels, self.cfg.ldm.label_dropout), self.num_classes) if self.num_classes else None
         with self.acc.accumulate(self.model):
-            loss = diffusion_loss(self.train_model, self.noise_scheduler, latents)
+            loss = diffusion_loss(self.train_model, self.noise_scheduler, latents, class_labels=y)
             self._optimise(loss, step)
         if self.acc.sync_gradients:
             self.ema.step(self.model.parameters())
@@ -293,10 +313,18 @@ class LDMTrainer(PriorTrainer):
 
     @torch.no_grad()
     def sample_images(self, n: int, seed: int) -> torch.Tensor:
-        pipe = LDMPipeline(vqvae=self.tokenizer, unet=self.ema_unet(), scheduler=sampling_scheduler(self.noise_scheduler))
+        """``n`` images in [0, 1] (class-conditional models cycle through the classes, guided as configured)."""
+        parts = dict(vqvae=self.tokenizer, unet=self.ema_unet(), scheduler=sampling_scheduler(self.noise_scheduler))
+        extra = {}
+        if self.num_classes:
+            pipe = ClassConditionalLDMPipeline(**parts, num_classes=self.num_classes,
+                                               guidance_scale=self.cfg.sample.guidance_scale)
+            extra["class_labels"] = torch.arange(n) % self.num_classes
+        else:
+            pipe = LDMPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), eta=self.cfg.ldm.eta,
-                   num_inference_steps=self.cfg.ldm.num_inference_steps, output_type="np")
+                   num_inference_steps=self.cfg.ldm.num_inference_steps, output_type="np", **extra)
         return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
     def _finish(self, step: int, seconds: float) -> Path:
@@ -306,7 +334,9 @@ class LDMTrainer(PriorTrainer):
             sampling_scheduler(self.noise_scheduler).save_pretrained(self.out / "scheduler")
             tok = self.tokenizer.config
             self._run_json(step, seconds, scaling_factor=tok.scaling_factor, latents_mean=tok.latents_mean,
-                           latent_shape=list(self.codes.latents.shape[1:]))
+                           latent_shape=list(self.codes.latents.shape[1:]), num_classes=self.num_classes,
+                           guidance_scale=self.cfg.sample.guidance_scale,
+                           label_dropout=self.cfg.ldm.label_dropout if self.num_classes else 0.0)
         self.acc.wait_for_everyone()
         return final
 

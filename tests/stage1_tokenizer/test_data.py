@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from stage1_tokenizer.data import build_dataset, content_fingerprint
+from stage1_tokenizer.data import build_dataset, class_names, content_fingerprint
 from tests.stage1_tokenizer.test_data_fit import _folder
 
 
@@ -45,3 +45,21 @@ def test_mnist_transformed_once_equals_the_transform_image_by_image():
             assert torch.equal(image, match_channels(per_image(x[i]), channels)) and label == int(y[i])
     crops = build_dataset("mnist", 32, 1, "test", random_crop=True)
     assert not torch.equal(crops[0][0], crops[0][0]), "random crops are drawn per access, not precomputed"
+
+
+def test_an_image_folder_layout_gives_labels_and_class_names(tmp_path):
+    """torchvision's ImageFolder layout: one subfolder per class, sorted; the train/ and test/ splits share the
+    class list even where a split lacks a class; any other layout has no labels."""
+    for split, classes in (("train", ("cat", "dog", "owl")), ("test", ("cat", "owl"))):
+        for k, name in enumerate(classes):
+            _folder(tmp_path / "pets" / split / name, 2, (8, 8), True, start=10 * k)
+    train = build_dataset(str(tmp_path / "pets"), 8, 3, "train")
+    test = build_dataset(str(tmp_path / "pets"), 8, 3, "test")
+    assert class_names(train) == class_names(test) == ["cat", "dog", "owl"]
+    assert [train[i][1] for i in range(len(train))] == [0, 0, 1, 1, 2, 2]
+    assert [test[i][1] for i in range(len(test))] == [0, 0, 2, 2]
+    _folder(tmp_path / "flat", 4, (8, 8), True)
+    _folder(tmp_path / "flat" / "extra", 2, (8, 8), True)  # images at two depths: not a class layout
+    flat = build_dataset(str(tmp_path / "flat"), 8, 3, "train", holdout=0.0)
+    assert class_names(flat) == [] and {flat[i][1] for i in range(len(flat))} == {-1}
+    assert class_names(build_dataset("mnist", 32, 1, "test", 4)) == [str(d) for d in range(10)]
