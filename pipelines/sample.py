@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from eval.classifier import cached_classifier, class_consistency
 from eval.fid import Features, extract_features
 from eval.fid_cache import reference_features
 from eval.sample_quality import BOOTSTRAP, sample_quality
@@ -45,20 +46,33 @@ def is_gpt_pipeline(pipe: DiffusionPipeline) -> bool:
     return type(pipe).__name__ == "VQGPTPipeline"
 
 
+def sample_labels(sidecar: dict, start: int, n: int) -> torch.Tensor | None:
+    """Class labels of images ``start .. start + n`` of a class-conditional pipeline: the classes in turn, so any
+    run of ``num_classes`` images is balanced; None for an unconditional one."""
+    classes = sidecar.get("classes")
+    return torch.arange(start, start + n) % len(classes) if classes else None
+
+
 def sample_batches(pipe: DiffusionPipeline, sidecar: dict, num_images: int, batch_size: int = 32,
-                   seed: int = 0) -> Iterator[torch.Tensor]:
-    """Batches of images (B, C, H, W) in [0, 1]; one generator seeded once, so a run is reproducible."""
+                   seed: int = 0, guidance_scale: float | None = None) -> Iterator[torch.Tensor]:
+    """Batches of images (B, C, H, W) in [0, 1]; one generator seeded once, so a run is reproducible. A
+    class-conditional pipeline samples the classes in turn (:func:`sample_labels`), guided by ``guidance_scale``
+    (None: the pipeline's own)."""
     generator = torch.Generator().manual_seed(seed)
     gpt = is_gpt_pipeline(pipe)
     kwargs = {} if gpt else dict(sidecar.get("sampling", {}))
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
     done = 0
     with tqdm(total=num_images, unit="img", desc="sampling") as bar:
         while done < num_images:
             n = min(batch_size, num_images - done)
+            labels = sample_labels(sidecar, done, n)
+            extra = {**kwargs, **({"class_labels": labels} if labels is not None else {})}
             if gpt:
-                images = pipe(batch_size=n, generator=generator, output_type="pt").images
+                images = pipe(batch_size=n, generator=generator, output_type="pt", **extra).images
             else:  # stock pipelines: LDMPipeline returns numpy (B, H, W, C)
-                images = torch.from_numpy(pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images)
+                images = torch.from_numpy(pipe(batch_size=n, generator=generator, output_type="np", **extra).images)
                 images = images.permute(0, 3, 1, 2)
             done += n
             bar.update(n)
@@ -102,13 +116,30 @@ def dataset_features(source: str, resolution: int, channels: int, num_images: in
                               mode=mode)
 
 
+CLASSIFIED_SOURCES = ("mnist",)  # data whose classifier vqgen trains for class consistency
+
+
+def data_classifier(source: str, resolution: int, channels: int):
+    """(classifier, test accuracy) of ``source`` at the pipeline's image format, trained once per machine on its
+    whole training split and tested on its test split; None for data without one."""
+    if source not in CLASSIFIED_SOURCES:
+        return None
+    split = {}
+    for name in ("train", "test"):
+        ds = build_dataset(source, resolution, channels, name)
+        split[name] = (torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))]))
+    return cached_classifier(f"{source}-{resolution}px-{channels}ch", split["train"], split["test"])
+
+
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
          seed: int = 0, ref_images: int | None = None, cache_dir: str | Path | None = None,
-         save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP, fid_mode: str = "clean") -> dict:
+         save_grid: str | Path | None = None, num_boot: int = BOOTSTRAP, fid_mode: str = "clean",
+         guidance_scale: float | None = None) -> dict:
     """Generation FID of a pipeline against its training set's cached features, with its bootstrap 95% interval
     (``num_boot`` resamples), KID and its std over subsets, and precision / recall / density / coverage; no images
     are written except a grid of the first 64 at ``save_grid`` when given. ``fid_mode``: the FID protocol
-    (``eval.fid_modes``), named in the result."""
+    (``eval.fid_modes``), named in the result. A class-conditional pipeline samples the classes in turn at
+    ``guidance_scale`` (None: its own) and, where the data has a classifier, is scored for class consistency."""
     pipe, sidecar = load_pipeline(pipeline_dir)
     source = data or sidecar.get("data_source")
     if source is None:
@@ -118,18 +149,33 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
     channels = vqvae.in_channels
     resolution = sidecar.get("resolution") or getattr(vqvae, "sample_size", None) or vqvae.resolution
     ref = dataset_features(source, resolution, channels, ref_images or num_images, cache_dir, fid_mode)
-    kept = []
+    kept, hits = [], []
+    classes = len(sidecar.get("classes") or {})
+    judge = data_classifier(source, resolution, channels) if classes else None
+    shown = 8 * classes or 64  # the grid: 8 per class (a row each), or the first 64
 
     def generated():
-        for batch in sample_batches(pipe, sidecar, num_images, batch_size, seed):
-            if save_grid is not None and sum(len(k) for k in kept) < 64:
+        done = 0
+        for batch in sample_batches(pipe, sidecar, num_images, batch_size, seed, guidance_scale):
+            if save_grid is not None and sum(len(k) for k in kept) < shown:
                 kept.append(batch)
+            if judge is not None:
+                hits.append(class_consistency(judge[0], batch, sample_labels(sidecar, done, len(batch))) * len(batch))
+            done += len(batch)
             yield batch
 
     quality = sample_quality(extract_features(generated, num_images=num_images, mode=fid_mode), ref, num_boot, seed)
     if save_grid is not None:
         Path(save_grid).parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat(kept)[:64], save_grid, nrow=8, padding=1)
+        grid = torch.cat(kept)[:shown]
+        if classes:  # image j has class j mod n: row c holds class c's images
+            grid = torch.cat([grid[c::classes][:8] for c in range(classes)])
+        save_image(grid, save_grid, nrow=8, padding=1)
     quality["gfid"], quality["gfid_ci"] = quality.pop("fid"), quality.pop("fid_ci")
+    if sidecar.get("classes"):
+        quality["guidance_scale"] = (sidecar.get("sampling", {}).get("guidance_scale", pipe.config.get("guidance_scale", 1.0))
+                                     if guidance_scale is None else guidance_scale)
+    if judge is not None:
+        quality["class_consistency"], quality["classifier_accuracy"] = sum(hits) / num_images, judge[1]
     return {**quality, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,
             "seed": seed, "pipeline": sidecar.get("pipeline"), "fid_mode": fid_mode}

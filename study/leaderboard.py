@@ -143,3 +143,40 @@ def leaderboard(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[
                 _cell([g.get(held_key) for g in gen], 3), f"{marks[key] or '-'} |"]))
         out.append("")
     return out
+
+
+def curve_points(members: list[dict], kind: str) -> dict[float, list[dict]]:
+    """{guidance scale: one curve point per seed} of a variant's ``kind`` prior."""
+    points: dict[float, list[dict]] = {}
+    for m in members:
+        for p in (m["generation"].get(kind) or {}).get("curve", []):
+            points.setdefault(p["guidance_scale"], []).append(p)
+    return dict(sorted(points.items()))
+
+
+def guidance_tables(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[str]:
+    """Markdown lines: per prior, each variant's gFID, KID, precision, recall and class consistency at every
+    guidance scale (mean ± std over seeds), its lowest-gFID scale marked."""
+    out = []
+    for kind in priors:
+        curves = {key: curve_points(members, kind) for key, members in groups.items()}
+        curves = {key: c for key, c in curves.items() if c}
+        if not curves:
+            continue
+        out += [f"### Guidance: {kind.upper()} prior (class-conditional, classes sampled in turn)", "",
+                "| variant | scale | gFID | ±CI | KID x1e3 | precision | recall | class consistency | |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for key, points in curves.items():
+            best = min(points, key=lambda s: statistics.fmean(p["gfid"] for p in points[s]))
+            for scale, pts in points.items():
+                half = [h for h in (_half_width(p.get("gfid_ci")) for p in pts) if h is not None]
+                out.append(" | ".join([
+                    f"| {key.split(' K=')[0]}", f"{scale:g}", _cell([p["gfid"] for p in pts]),
+                    f"{statistics.fmean(half):.1f}" if half else "-",
+                    _cell([1e3 * p["kid"] if p.get("kid") is not None else None for p in pts], 2),
+                    _cell([p.get("precision") for p in pts], 2), _cell([p.get("recall") for p in pts], 2),
+                    _cell([100 * p["class_consistency"] if p.get("class_consistency") is not None else None
+                           for p in pts]) + ("%" if pts[0].get("class_consistency") is not None else ""),
+                    ("lowest gFID" if scale == best else "") + " |"]))
+        out.append("")
+    return out

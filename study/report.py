@@ -17,7 +17,7 @@ import yaml
 
 from common.atomic import write_atomic
 
-from .leaderboard import leaderboard
+from .leaderboard import curve_points, guidance_tables, leaderboard
 
 METRICS = [  # key in eval.json, column title, direction
     ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
@@ -252,6 +252,35 @@ def _plot_histograms(runs: list[dict], by_size: bool, path: Path) -> bool:
     return True
 
 
+def _plot_guidance(groups: dict[str, list[dict]], kind: str, path: Path) -> bool:
+    """gFID (left) and precision, recall and class consistency (right) against the guidance scale, per variant."""
+    curves = {key: curve_points(members, kind) for key, members in groups.items()}
+    curves = {key: c for key, c in curves.items() if c}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, points in curves.items():
+        scales = list(points)
+        mean = lambda name: [statistics.fmean(p[name] for p in points[s]) if all(p.get(name) is not None  # noqa: E731
+                                                                                   for p in points[s]) else float("nan")
+                             for s in scales]
+        line = left.plot(scales, mean("gfid"), marker="o", label=key)[0]
+        for name, style in (("precision", "-"), ("recall", "--"), ("class_consistency", ":")):
+            right.plot(scales, mean(name), style, marker=".", color=line.get_color(), label=f"{key} {name}")
+    left.set(xlabel="guidance scale", ylabel="gFID", title=f"{kind.upper()}: gFID")
+    right.set(xlabel="guidance scale", ylabel="fraction", title="precision (-), recall (--), class consistency (:)")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _first(members: list[dict]) -> dict:
     """The run of a group whose grids the report shows: the lowest seed."""
     return min(members, key=lambda r: (r["seed"] is None, r["seed"] or 0))
@@ -311,6 +340,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             plots.append(f"{metric}_per_quantizer.png")
     if _plot_histograms(runs, by_size, out / "code_frequencies.png"):
         plots.append("code_frequencies.png")
+    for kind in PRIORS:
+        if _plot_guidance(groups(runs, by_size), kind, out / f"guidance_{kind}.png"):
+            plots.append(f"guidance_{kind}.png")
     grids, samples = [], []
     for key, members in groups(runs, by_size).items():  # one run per variant (and K): the first seed
         r = _first(members)
@@ -321,7 +353,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
     inputs = dict.fromkeys(r["data_fit"]["message"] for r in runs if r.get("data_fit"))  # each distinct once
     text = [f"# {title}", "", *(notes or []), *(f"Input: {line}" for line in inputs), *([""] if inputs else []),
-            *leaderboard(groups(runs, by_size), PRIORS),
+            *leaderboard(groups(runs, by_size), PRIORS), *guidance_tables(groups(runs, by_size), PRIORS),
             f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
             table(summary) if runs else "(no finished runs)", "", *plateau_lines(summary)]
     if failures:

@@ -40,6 +40,7 @@ from stage2_prior.train import train_prior
 from .report import write_report
 
 logger = logging.getLogger(__name__)
+CURVE_KEYS = ("guidance_scale", "gfid", "gfid_ci", "kid", "kid_std", "precision", "recall", "class_consistency")
 DEFAULT_QUANTIZERS = ["vq", "ema", "simvq", "transvq", "ns-vq", "diveq", "sf-diveq", "rotation"]
 
 
@@ -60,6 +61,8 @@ class SweepConfig:
     ldm_preset: str = "tiny"
     ldm: list[str] = field(default_factory=list)
     priors: list[str] = field(default_factory=lambda: list(KINDS))  # [] : tokenizers and their evaluation only
+    conditional: bool = False  # class-conditional priors with label dropout (labelled data), guided at sample.guidance_scale
+    guidance_scales: list[float] = field(default_factory=list)  # each prior also scored at these: the guidance curve
     eval_images: int = 1000  # held-out images for rFID / LPIPS / SSIM / PSNR / usage
     gfid_images: int = 1000  # samples per prior for gFID
     ref_images: int | None = None  # training images in the gFID reference statistics (default: gfid_images)
@@ -87,6 +90,8 @@ class SweepConfig:
             raise ValueError(f"unknown fid_mode {self.fid_mode!r}; choose from {', '.join(FID_MODES)}")
         if self.smoke_images < 0:
             raise ValueError(f"smoke_images must be >= 0 (0: no cap), got {self.smoke_images}")
+        if self.guidance_scales and not self.conditional:
+            raise ValueError("guidance_scales need conditional: true (an unconditional prior has nothing to guide)")
         if unknown := [p for p in self.priors if p not in KINDS]:
             raise ValueError(f"unknown prior(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
         trackers_for(self.report_to)  # an unknown or uninstalled tracker fails before any run starts
@@ -252,7 +257,8 @@ class Sweep:
             preset, overrides = (self.cfg.gpt_preset, self.cfg.gpt) if kind == "gpt" else (self.cfg.ldm_preset, self.cfg.ldm)
             cfg = load_prior_config(kind, preset)
             cfg = replace(cfg, tokenizer=str(tok), train=self._train_section(cfg.train, run, kind, seed))
-            cfg = _cap(with_overrides(cfg, overrides), self.cfg.max_steps)  # the user's overrides win
+            conditional = [f"{kind}.class_conditional=true"] if self.cfg.conditional else []
+            cfg = _cap(with_overrides(cfg, conditional + list(overrides)), self.cfg.max_steps)  # the user's overrides win
             self._timed(run, kind, train_prior, cfg, prior_dir, resume=(prior_dir / "config.yaml").exists())
         self._main_only(self._publishable, run, tok, prior_dir, kind)
 
@@ -274,6 +280,8 @@ class Sweep:
                              batch_size=self.cfg.sample_batch_size, ref_images=refs, save_grid=pipe_dir / "samples.png",
                              fid_mode=self.cfg.fid_mode)
         result["grid"] = str(pipe_dir / "samples.png")
+        if self.cfg.guidance_scales:
+            result["curve"] = [self._curve_point(run, kind, pipe_dir, s) for s in self.cfg.guidance_scales]
         prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
         result.update({k: v for k, v in prior_run.items() if k.startswith(("val_", "train_", "best_val_"))})
         if (prior_dir / "validation.png").exists():
@@ -286,6 +294,15 @@ class Sweep:
         write_atomic(pipe_dir / SIDECAR, json.dumps(sidecar, indent=2))
         generation[kind] = result
         write_atomic(gen_path, json.dumps(generation, indent=2))
+
+    def _curve_point(self, run: Path, kind: str, pipe_dir: Path, scale: float) -> dict:
+        """One point of the guidance curve: gFID, KID, precision, recall (and class consistency) at ``scale``, with
+        the sample count and seed of the prior's main score."""
+        _, samples, refs = self.cfg.evaluation_counts()
+        result = self._timed(run, f"gfid_{kind}_s{scale:g}", gfid, pipe_dir, self.cfg.data, num_images=samples,
+                             batch_size=self.cfg.sample_batch_size, ref_images=refs, fid_mode=self.cfg.fid_mode,
+                             guidance_scale=scale)
+        return {k: result[k] for k in CURVE_KEYS if k in result}
 
     def _say(self, line: str) -> None:
         """One line to the user on stderr, from the main process only."""
@@ -305,7 +322,7 @@ class Sweep:
         """One line: how many Inception images the evaluation of ``runs`` runs needs and about how long that takes
         at the rate measured now, so nobody waits on reference features unawares."""
         held_out, samples, refs = self.cfg.evaluation_counts()
-        priors = len(self.cfg.priors)
+        priors = len(self.cfg.priors) * (1 + len(self.cfg.guidance_scales))  # each scale of the curve samples again
         total = held_out + refs + runs * (held_out + priors * samples)
         rate = images_per_second()
         line = (f"evaluation: {runs} run(s) x ({held_out} reconstructions + {priors} prior(s) x {samples} samples) + "

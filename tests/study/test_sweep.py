@@ -258,3 +258,35 @@ def test_a_sweep_stops_when_runs_fail_in_a_row_with_the_same_error(tmp_path, mon
     assert sweep_mod.Sweep(never, tmp_path / "never").run()["stopped"] is None and tried == list(errors)
     with pytest.raises(ValueError, match="stop_after_failures must be >= 0"):
         sweep_mod.SweepConfig(stop_after_failures=-1)
+
+
+def test_a_conditional_sweep_scores_a_guidance_curve_and_reports_it(tmp_path):
+    """``conditional: true`` trains both priors on the labels with label dropout; ``guidance_scales`` scores each
+    prior at every scale (class-balanced samples) into generation.json and the report's guidance tables."""
+    out = tmp_path / "cond"
+    run = subprocess.run(_sweep(out, "conditional=true", "guidance_scales=[0.0, 2.0]", quantizers="vq"),
+                         capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    generation = json.loads((out / "vq" / "tokenizer" / "generation.json").read_text())
+    for kind in ("gpt", "ldm"):
+        assert json.loads((out / "vq" / kind / "run.json").read_text())["num_classes"] == 4
+        curve = generation[kind]["curve"]
+        assert [p["guidance_scale"] for p in curve] == [0.0, 2.0] and all(p["gfid"] > 0 for p in curve)
+        sidecar = json.loads((out / "vq" / "pipelines" / kind / "vqgen.json").read_text())
+        assert sidecar["classes"] == {str(i): f"group {i}" for i in range(4)}
+    report = (out / "report.md").read_text()
+    assert "### Guidance: GPT prior" in report and "### Guidance: LDM prior" in report
+    assert (out / "guidance_gpt.png").exists() and "lowest gFID" in report
+    with pytest.raises(ValueError, match="guidance_scales need conditional"):
+        from study.sweep import SweepConfig
+        SweepConfig(guidance_scales=[2.0])
+
+
+def test_demo_cond_is_the_demo_with_conditional_priors():
+    from dataclasses import asdict
+
+    from study.sweep import load_sweep_config
+
+    demo, cond = load_sweep_config("demo"), load_sweep_config("demo-cond")
+    assert {k for k, v in asdict(demo).items() if asdict(cond)[k] != v} == {"conditional", "guidance_scales"}
+    assert cond.conditional and 1.0 in cond.guidance_scales
