@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py
 	$(PY) benchmarks/bench_fid.py
 	$(PY) benchmarks/bench_kv_cache.py
+	$(PY) benchmarks/bench_guidance.py
 	$(PY) benchmarks/bench_threads.py
 	$(PY) benchmarks/bench_compile.py
 	$(PY) benchmarks/bench_presets.py

@@ -121,7 +121,7 @@ def _cmd_gfid(args) -> int:
     from pipelines.sample import gfid
 
     result = gfid(args.pipeline_dir, args.data, args.num_images, args.batch_size, args.seed, args.ref_images,
-                  args.cache_dir, args.save_grid, fid_mode=args.fid_mode)
+                  args.cache_dir, args.save_grid, fid_mode=args.fid_mode, guidance_scale=args.guidance_scale)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--seed", type=int, default=0)
     gf.add_argument("--cache-dir", help="FID reference cache (default: this machine's, see `vqgen cache`)")
     _fid_mode(gf)
-    gf.add_argument("--save-grid", help="also write a grid of the first 64 samples to this PNG path")
+    gf.add_argument("--save-grid", help="also write a grid of the first 64 samples (8 per class) to this PNG path")
+    gf.add_argument("--guidance-scale", type=float, help="class-conditional pipelines: the classifier-free guidance "
+                    "scale (default: the pipeline's; 1: none); classes are sampled in turn")
     gf.set_defaults(func=_cmd_gfid)
     ca = sub.add_parser("cache", help="list or clear this machine's FID reference cache (shared by every run and sweep)")
     ca.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
