@@ -8,10 +8,8 @@ runs exactly this code in a Python without vqgen. With ``guidance_scale`` 1 and 
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -65,7 +63,7 @@ class ClassConditionalLDMPipeline(DiffusionPipeline):
         latents = latents.to(self.device) * self.scheduler.init_noise_sigma
         labels = class_labels.to(self.device)
         self.scheduler.set_timesteps(num_inference_steps)
-        extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
+        extra = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}  # as LDMPipeline: DDIM's eta
         for t in self.progress_bar(self.scheduler.timesteps):
             latents = self.scheduler.step(self.denoise(latents, labels, scale, t), t, latents, **extra).prev_sample
         image = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample

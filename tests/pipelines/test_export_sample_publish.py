@@ -20,7 +20,8 @@ from stage1_tokenizer.lookup_tokenizer import VQLookupTokenizer
 from stage1_tokenizer.model import VQTokenizer
 from stage1_tokenizer.quantizers import QUANTIZERS
 from stage1_tokenizer.train import load_run
-from stage2_prior import vqgpt_pipeline
+from stage2_prior import cond_ldm_pipeline, vqgpt_pipeline
+from stage2_prior.cond_ldm_pipeline import ClassConditionalLDMPipeline
 from stage2_prior.train import train_prior
 from stage2_prior.vqgpt_pipeline import VQGPTPipeline
 from tests.helpers import prior_config, project_packages, tiny_tokenizer_run
@@ -50,6 +51,20 @@ def nonstock(tmp_path_factory):
         for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
             train_prior(prior_config(kind, tok, "train.max_steps=3"), root / f"{kind}-{name}")
             out[name, kind] = exporter(root / f"{kind}-{name}", root / f"pipe-{kind}-{name}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """Class-conditional GPT and LDM (guidance scale 2, top-p 0.9) on a tiny shapes tokenizer, exported."""
+    root = tmp_path_factory.mktemp("cond")
+    tok = tiny_tokenizer_run(root / "tok")
+    out = {}
+    for kind, exporter in (("gpt", export_gpt), ("ldm", export_ldm)):
+        train_prior(prior_config(kind, tok, "train.max_steps=3", f"{kind}.class_conditional=true",
+                                 "sample.guidance_scale=2.0", *(["sample.top_p=0.9"] if kind == "gpt" else [])),
+                    root / kind)
+        out[kind] = exporter(root / kind, root / f"pipe-{kind}")
     return out
 
 
@@ -173,7 +188,7 @@ def test_variants_without_a_stock_form_export_an_equal_lookup_tokenizer(name, tm
 def test_remote_code_modules_import_only_torch_diffusers_and_transformers():
     """The files export copies into pipeline folders must run where vqgen is not installed."""
     allowed = {"__future__", "torch", "diffusers", "transformers"}
-    for module in (vqgpt_pipeline, lookup_tokenizer):
+    for module in (vqgpt_pipeline, lookup_tokenizer, cond_ldm_pipeline):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
@@ -241,17 +256,23 @@ def _own_pipeline(folder: Path):
     vqvae_cls = VQLookupTokenizer if index["vqvae"][1] == "VQLookupTokenizer" else VQModel
     vqvae = vqvae_cls.from_pretrained(folder / "vqvae")
     if "transformer" in index:
-        settings = {k: index[k] for k in ("num_codes", "grid", "top_k", "temperature", "num_classes")}
+        settings = {k: index[k] for k in ("num_codes", "grid", "top_k", "temperature", "num_classes", "top_p",
+                                          "guidance_scale", "cfg_interval", "label_dropout", "id2label") if k in index}
         return VQGPTPipeline(vqvae=vqvae, transformer=GPT2LMHeadModel.from_pretrained(folder / "transformer"),
                              **settings)
-    return LDMPipeline(vqvae=vqvae, unet=UNet2DModel.from_pretrained(folder / "unet"),
-                       scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"))
+    parts = dict(vqvae=vqvae, unet=UNet2DModel.from_pretrained(folder / "unet"),
+                 scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"))
+    if "ClassConditionalLDMPipeline" in index["_class_name"]:  # remote code: [module, class]
+        return ClassConditionalLDMPipeline(**parts, **{k: index[k] for k in ("num_classes", "guidance_scale", "id2label")})
+    return LDMPipeline(**parts)
 
 
-def test_card_snippet_loads_every_export_in_stock_diffusers_and_equals_vqgen(exported, nonstock, tmp_path):
-    """GPT (vq, rvq, gumbel) with trust_remote_code, LDM of a stock VQModel without it: the card's own "Use" code,
-    run where vqgen cannot be imported, gives exactly the images of vqgen's classes for the same seed."""
-    folders = [exported["gpt"], exported["ldm"], *nonstock.values()]
+def test_card_snippet_loads_every_export_in_stock_diffusers_and_equals_vqgen(exported, nonstock, conditional,
+                                                                             tmp_path):
+    """GPT (vq, rvq, gumbel, fsq, class-conditional and guided) with trust_remote_code, LDM of a stock VQModel
+    without it, the guided class-conditional LDM with it: the card's own "Use" code, run where vqgen cannot be
+    imported, gives exactly the images of vqgen's classes for the same seed."""
+    folders = [exported["gpt"], exported["ldm"], *nonstock.values(), *conditional.values()]
     assert not needs_remote_code(exported["ldm"]) and all(needs_remote_code(f) for f in folders if f != exported["ldm"])
     snippets = {str(f): usage_code(json.loads((f / "vqgen.json").read_text()), str(f), needs_remote_code(f),
                                    batch_size=2) for f in folders}
