@@ -60,7 +60,8 @@ def valid_options(cls: type) -> list[str]:
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.KEYWORD_ONLY and p.name not in names:
                 names.append(p.name)
-    return names if getattr(cls, "maintained", True) else [n for n in names if n not in MAINTENANCE_OPTIONS]
+    hidden = set(getattr(cls, "unused_options", ())) | (set() if getattr(cls, "maintained", True) else set(MAINTENANCE_OPTIONS))
+    return [n for n in names if n not in hidden]
 
 
 RENAMED_OPTIONS = {  # renamed when the defaults moved to the released code (docs/fidelity.md): old -> new

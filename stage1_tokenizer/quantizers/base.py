@@ -47,6 +47,7 @@ class Quantizer(nn.Module, abc.ABC):
     nearest_lookup = True  # whether inference tokens are nearest codes of lookup_space (Gumbel: logits' argmax)
     linear_lookup = True  # whether lookup_space's in_map alone takes latents there (FSQ: a nonlinear bound follows)
     maintained = True  # whether codebook maintenance (replacement, k-means init) applies: not to fixed tables
+    unused_options: tuple[str, ...] = ()  # shared options this variant's rule never reads: refused, not ignored
     check_finite = True  # raise at once on non-finite latents (a host sync); a trainer that checks its loss turns it off
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, replacement: str | None = None,

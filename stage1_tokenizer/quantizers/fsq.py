@@ -79,6 +79,7 @@ class FSQ(ImplicitQuantizer):
     significant)."""
 
     linear_lookup = False  # tokens come from bound(P_in(z)): no stock VQModel form
+    unused_options = ("beta", "max_search_elements")  # no loss, no search
 
     def __init__(self, num_codes: int, dim: int, *, levels: list[int] | None = None, bound: str = "tanh",
                  ifsq: bool = False, eps: float = 1e-3, **options):

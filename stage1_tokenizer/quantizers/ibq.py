@@ -15,6 +15,8 @@ class IBQ(Quantizer):
     ``z_q = (onehot - sg(s) + s) C`` with ``s = softmax(z C^T)``; loss ``||z_q - z||^2 + ||sg(c) - z||^2 + beta ||c - sg(z)||^2 + entropy_weight (H_s - H_b)`` on
     ``softmax(z C^T / T)``."""
 
+    unused_options = ("max_search_elements",)  # tokens by argmax, no nearest-code search
+
     def __init__(self, num_codes: int, dim: int, *, entropy_weight: float = 0.05, temperature: float = 0.01,
                  **options):
         super().__init__(num_codes, dim, **options)

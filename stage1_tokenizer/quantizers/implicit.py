@@ -24,6 +24,7 @@ class ImplicitQuantizer(Quantizer):
 
     supports_code_space = False  # a fixed table: nothing to initialise or replace
     maintained = False
+    unused_options = ("max_search_elements",)  # tokens by the variant's own rule: no nearest-code search
 
     def __init__(self, num_codes: int, dim: int, code_dim: int, **options):
         if set(options) & set(MAINTENANCE_OPTIONS):

@@ -111,7 +111,8 @@ def test_fsq_levels_from_num_codes_follow_the_paper_table(num_codes, levels):
 @pytest.mark.parametrize("num_codes,opts,match", [(100, {}, "no paper levels"), (64, {"levels": [8, 5]}, "set num_codes=40"),
                                                   (16, {"levels": [2, 8]}, ">= 3"), (16, {"levels": [4, 4], "ifsq": True}, "odd"),
                                                   (16, {"levels": [4, 4], "bound": "sigmoid"}, "unknown fsq bound"),
-                                                  (16, {"levels": [4, 4], "replacement": "importance"}, "fixed implicit")])
+                                                  (16, {"levels": [4, 4], "replacement": "importance"}, "fixed implicit"),
+                                                  (16, {"levels": [4, 4], "beta": 0.5}, "unknown option")])
 def test_fsq_bad_settings_are_clear_errors(num_codes, opts, match):
     with pytest.raises(ValueError, match=match):
         build_quantizer("fsq", num_codes, 8, **opts)
