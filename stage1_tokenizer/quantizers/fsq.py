@@ -15,9 +15,9 @@ PAPER_LEVELS = {2 ** 8: [8, 6, 5], 2 ** 10: [8, 5, 5, 5], 2 ** 12: [7, 5, 5, 5, 
 def levels_for(num_codes: int) -> list[int]:
     """The paper's levels for ``num_codes`` (2^8 ... 2^16, or the product of a row's levels)."""
     for power, levels in PAPER_LEVELS.items():
-        if int(num_codes) in (power, int(torch.tensor(levels).prod())):
+        if int(num_codes) in (power, math.prod(levels)):
             return list(levels)
-    sizes = ", ".join(f"{p} ({int(torch.tensor(lv).prod())} codes: {lv})" for p, lv in PAPER_LEVELS.items())
+    sizes = ", ".join(f"{p} ({math.prod(lv)} codes: {lv})" for p, lv in PAPER_LEVELS.items())
     raise ValueError(f"fsq has no paper levels for num_codes={num_codes}; use one of {sizes}, or give levels=[...]")
 
 
@@ -26,7 +26,7 @@ def resolve_levels(num_codes: int, levels: list[int] | None) -> list[int]:
     if levels is None:
         return levels_for(num_codes)
     levels = [int(v) for v in levels]
-    size = int(torch.tensor(levels).prod())
+    size = math.prod(levels)
     if size != int(num_codes) and PAPER_LEVELS.get(int(num_codes)) != levels:
         raise ValueError(f"fsq levels {levels} give {size} codes but num_codes is {num_codes}; set num_codes={size}")
     return levels
@@ -94,7 +94,7 @@ class FSQ(ImplicitQuantizer):
         self.bound = "ifsq" if ifsq else bound
         self.eps = float(eps)
         self._levels = levels
-        super().__init__(int(torch.tensor(levels).prod()), dim, len(levels), **options)
+        super().__init__(math.prod(levels), dim, len(levels), **options)
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         self.register_buffer("edges", cell_edges(levels, self.bound, self.eps), persistent=False)
 
