@@ -19,6 +19,8 @@ from common.atomic import write_atomic
 
 from .leaderboard import curve_points, guidance_tables, leaderboard
 
+CURVE_METRICS = ("gfid", "kid", "precision", "recall", "class_consistency")
+
 METRICS = [  # key in eval.json, column title, direction
     ("rfid", "rFID", "lower"), ("lpips_vgg", "LPIPS (VGG)", "lower"), ("lpips_alex", "LPIPS (Alex)", "lower"),
     ("ssim", "SSIM", "higher"), ("psnr", "PSNR (dB)", "higher"), ("usage", "usage", "higher"),
@@ -310,6 +312,17 @@ def nested(summary: dict) -> dict:
     return out
 
 
+def _curve_entry(scale: float, points: list[dict]) -> dict:
+    """results.json's guidance-curve point: each metric's mean and std over the seeds' points at ``scale``."""
+    out = {"guidance_scale": scale}
+    for metric in CURVE_METRICS:
+        values = [p[metric] for p in points if p.get(metric) is not None]  # no classifier: no class consistency
+        if values:
+            mean, std = mean_std(values)
+            out[metric] = {"mean": mean, "std": std, "n": len(values)}
+    return out
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Tokenizer comparison",
                  failures: dict[str, str] | None = None, notes: list[str] | None = None,
                  not_comparable: str | None = None) -> dict:
@@ -367,6 +380,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in samples]
     write_atomic(out / "report.md", "\n".join(text) + "\n")
     results = nested(summary)
+    for key, members in groups(runs, by_size).items():  # each prior's guidance curve, mean ± std over seeds
+        for kind in PRIORS:
+            if points := curve_points(members, kind):
+                results[key].setdefault(kind, {})["guidance_curve"] = [_curve_entry(s, pts) for s, pts in points.items()]
     results.update({name: {"error": error} for name, error in failures.items()})
     if not_comparable:
         results["not_comparable"] = not_comparable

@@ -277,6 +277,8 @@ def test_a_conditional_sweep_scores_a_guidance_curve_and_reports_it(tmp_path):
     report = (out / "report.md").read_text()
     assert "### Guidance: GPT prior" in report and "### Guidance: LDM prior" in report
     assert (out / "guidance_gpt.png").exists() and "lowest gFID" in report
+    curve = json.loads((out / "results.json").read_text())["vq"]["ldm"]["guidance_curve"]
+    assert [p["guidance_scale"] for p in curve] == [0.0, 2.0] and curve[1]["gfid"]["n"] == 1
     with pytest.raises(ValueError, match="guidance_scales need conditional"):
         from study.sweep import SweepConfig
         SweepConfig(guidance_scales=[2.0])
