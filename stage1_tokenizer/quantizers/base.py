@@ -67,6 +67,7 @@ class Quantizer(nn.Module, abc.ABC):
         self.maintenance = CodebookMaintenance(self.num_codes, self.code_dim, replacement, replace_every,
                                                replace_until, dead_threshold, replace_noise, reservoir_size,
                                                kmeans_init, kmeans_iters, no_replace_last)
+        self.last_stats: dict = {}  # a variant's diagnostics of its last training step (entropies, ...)
 
     # --- what a variant defines -------------------------------------------------------------
     @property
@@ -124,8 +125,9 @@ class Quantizer(nn.Module, abc.ABC):
         """The optimizer step the trainer is at, for a loss weight that follows it (BSQ); ignored by default."""
 
     def step_stats(self) -> dict:
-        """Variant-specific diagnostics of the last training step, merged into ``stats`` (none by default)."""
-        return {}
+        """Variant-specific diagnostics of the last training step, merged into ``stats``: what the step left in
+        ``last_stats`` (none by default)."""
+        return dict(self.last_stats)
 
     # --- shared machinery --------------------------------------------------------------------
     def nearest(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

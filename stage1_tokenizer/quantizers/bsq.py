@@ -36,7 +36,6 @@ class BSQ(ImplicitQuantizer):
         self.entropy_warmup, self.scaled_ste = int(entropy_warmup), bool(scaled_ste)
         self.step = 0
         super().__init__(num_codes, dim, d, beta=beta, **options)
-        self._last = {}
 
     def code_table(self) -> torch.Tensor:
         d = self.code_dim
@@ -55,9 +54,6 @@ class BSQ(ImplicitQuantizer):
         a = 4 * self.tau * u / math.sqrt(self.code_dim)
         return binary_entropy(a).sum(1).mean(), group_batch_entropy(a, self.group_size, eps=1e-8)
 
-    def step_stats(self) -> dict:
-        return dict(self._last)
-
     def _train_step(self, z):
         d = self.code_dim
         u = F.normalize(self.project_in(z), dim=1)
@@ -70,5 +66,5 @@ class BSQ(ImplicitQuantizer):
         weight = entropy_weight(self.step, self.entropy_weight, self.entropy_start_factor, self.entropy_warmup)
         commit = (q.detach() - u).pow(2).sum(1).mean()
         loss = self.beta * commit + weight * self.zeta * (self.gamma0 * h_sample - self.gamma * h_batch) / self.tau
-        self._last = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
+        self.last_stats = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
         return self.project_out(q), self.tokens(u), loss

@@ -66,10 +66,14 @@ def cell_edges(levels: list[int], kind: str = "tanh", eps: float = 1e-3) -> torc
     return edges.float()
 
 
+def radix_basis(levels: torch.Tensor) -> torch.Tensor:
+    """``prod_{k<j} L_k`` for each coordinate ``j``: the place value of its digit, the first the least significant."""
+    return torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
+
+
 def mixed_radix(digits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of grid digits (..., d) in ``[0, L)``: ``sum_j q_j prod_{k<j} L_k``, the first coordinate least significant."""
-    basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
-    return (digits.long() * basis).sum(-1)
+    return (digits.long() * radix_basis(levels)).sum(-1)
 
 
 class FSQ(ImplicitQuantizer):
@@ -101,8 +105,7 @@ class FSQ(ImplicitQuantizer):
     def code_table(self) -> torch.Tensor:
         """Every grid point in index order: digit ``j`` of ``i`` is ``(i // prod_{k<j} L_k) mod L_j``."""
         levels = torch.tensor(self._levels)
-        basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
-        digits = (torch.arange(self.num_codes)[:, None] // basis) % levels
+        digits = (torch.arange(self.num_codes)[:, None] // radix_basis(levels)) % levels
         return ((digits - levels // 2) / (levels // 2)).float()
 
     def bounded(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .base import Quantizer
 from .entropy import entropy
@@ -24,7 +25,6 @@ class IBQ(Quantizer):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.entropy_weight, self.temperature = float(entropy_weight), float(temperature)
         self.codebook = nn.Parameter(torch.randn(self.num_codes, self.dim))  # nn.Embedding's N(0, 1)
-        self._last = {}
 
     def effective_codebook(self) -> torch.Tensor:
         return self.codebook
@@ -35,18 +35,17 @@ class IBQ(Quantizer):
         c = self.codebook.detach()
         sq = c.pow(2).sum(1, keepdim=True)
         table = torch.cat([c, (sq.max() - sq).clamp_min(0).sqrt()], dim=1)
-        in_map, out_map = nn.Linear(self.dim, self.dim + 1), nn.Linear(self.dim + 1, self.dim)
+        # skip_init: these weights are set below, so no draw from the global RNG (a sampling run stays reproducible)
+        in_map = skip_init(nn.Linear, self.dim, self.dim + 1, device=c.device, dtype=c.dtype)
+        out_map = skip_init(nn.Linear, self.dim + 1, self.dim, device=c.device, dtype=c.dtype)
         with torch.no_grad():
             eye = torch.eye(self.dim, self.dim + 1, dtype=c.dtype, device=c.device)
             in_map.weight.copy_(eye.T), out_map.weight.copy_(eye)
             in_map.bias.zero_(), out_map.bias.zero_()
-        return table, in_map.to(c.device), out_map.to(c.device)
+        return table, in_map, out_map
 
     def _eval_indices(self, z):
         return (z @ self.codebook.T).argmax(1)
-
-    def step_stats(self) -> dict:
-        return dict(self._last)
 
     def _train_step(self, z):
         logits = z @ self.codebook.T
@@ -62,5 +61,5 @@ class IBQ(Quantizer):
         p = log_p.exp()
         h_sample = -(p * log_p).sum(1).mean()
         h_batch = entropy(p.mean(0), eps=1e-5)
-        self._last = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
+        self.last_stats = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach()}
         return zq, idx, quant + self.entropy_weight * (h_sample - h_batch)

@@ -25,7 +25,6 @@ class LFQ(ImplicitQuantizer):
         if self.entropy_group < 1 or d % self.entropy_group:
             raise ValueError(f"entropy_group must divide the {d} bits; got {entropy_group}")
         super().__init__(num_codes, dim, d, **options)  # Open-MAGVIT2's commitment weight 0.25 is beta
-        self._last = {}
 
     def code_table(self) -> torch.Tensor:
         return 2 * bit_table(self.code_dim) - 1
@@ -41,15 +40,12 @@ class LFQ(ImplicitQuantizer):
         h_batch = group_batch_entropy(a, self.entropy_group, eps=1e-5)
         return h_sample, h_batch
 
-    def step_stats(self) -> dict:
-        return dict(self._last)
-
     def _train_step(self, z):
         x = self.project_in(z)
         q = torch.where(x > 0, 1.0, -1.0)
         h_sample, h_batch = self.entropies(x)
         loss = self.entropy_weight * (h_sample - h_batch) + self.beta * F.mse_loss(x, q)
         bit_mean = (q > 0).float().mean(0)
-        self._last = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach(),
+        self.last_stats = {"entropy_sample": h_sample.detach(), "entropy_batch": h_batch.detach(),
                       "bit_mean_min": bit_mean.min(), "bit_mean_max": bit_mean.max()}
         return self.project_out(straight_through(x, q)), self.tokens(x), loss

@@ -106,7 +106,6 @@ class NSVQ(Quantizer):
             raise ValueError(f"tau_decay must lie in (0, 1], got {tau_decay}")
         self.tau, self.tau_decay, self.lam, self.ste_scale = float(tau), float(tau_decay), float(lam), ste_scale
         self.codebook = nn.Parameter(torch.empty(self.num_codes, self.dim).uniform_(-1 / self.num_codes, 1 / self.num_codes))
-        self._regime: dict = {}
 
     def set_epoch(self, epoch: float, tau0: float = 1.0) -> None:
         """Apply the per-epoch bandwidth decay."""
@@ -119,16 +118,13 @@ class NSVQ(Quantizer):
         """``a`` of Eq. 18: ``2/d`` with ``d = B*H*W`` (paper) or ``2/(d*D)`` (authors' code, alpha = 1)."""
         return 2.0 / num_latents if self.ste_scale == "paper" else 2.0 / (num_latents * self.dim)
 
-    def step_stats(self) -> dict:
-        """The kernel regime of the last step: mean non-winner weight sum and code / latent spread ratio."""
-        return dict(self._regime)
-
     def _train_step(self, z):
         idx = self.nearest(z, self.codebook)
         c = self.codebook[idx]
         a = self.ste_coefficient(z.shape[0])
         zq = straight_through(z, c) + (a * c - (a * c).detach())  # Eq. 18
         loss, mass = dense_embedding_loss(z, self.codebook, idx, self.tau, self.lam, self.max_search_elements)
-        self._regime = {"nonwinner_weight": mass, "spread_ratio": spread_ratio(self.codebook, z)}  # tensors: no sync
+        # the kernel regime: mean non-winner weight sum and code / latent spread ratio (tensors: no sync)
+        self.last_stats = {"nonwinner_weight": mass, "spread_ratio": spread_ratio(self.codebook, z)}
         loss = loss + self.beta * F.mse_loss(z, c.detach())
         return zq, idx, loss

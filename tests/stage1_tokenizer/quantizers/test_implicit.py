@@ -315,7 +315,9 @@ def test_ibq_augmented_table_makes_argmax_a_nearest_code_lookup():
     with torch.no_grad():
         q.codebook.mul_(torch.rand(64, 1) * 3)  # codes of different norms: argmax z.c is not the nearest code
     z = torch.randn(500, 5)
+    rng = torch.random.get_rng_state()
     table, in_map, out_map = q.lookup_space()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # building the maps draws nothing: sampling stays seeded
     tokens = q(as_image(z)).indices.flatten()
     assert torch.equal(nearest_code(in_map(z), table)[0], tokens)
     assert not torch.equal(nearest_code(z, q.codebook)[0], tokens)
