@@ -3,8 +3,8 @@ generated for. The classifier is a small CNN trained once per machine on the dat
 accuracy stored beside its weights, reported with every score) and cached under ``user_cache_dir("classifier")``."""
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,11 +21,6 @@ def small_cnn(channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, num_classes))
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """What a cached classifier was trained on: the training images' and labels' bytes."""
-    return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
 
 
 EPOCHS = 3  # one epoch reached 97.1% on MNIST at 32 px; the judge of a 95% target should err less than that
@@ -57,24 +52,31 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return (predict(model, images) == labels).float().mean().item()
 
 
-def cached_classifier(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+Split = tuple[torch.Tensor, torch.Tensor]  # images in [-1, 1] (N, C, H, W), labels (N,)
+
+
+def cached_classifier(name: str, fingerprint: str, load: Callable[[], tuple[Split, Split]],
                       cache_dir: str | Path | None = None) -> tuple[nn.Module, float]:
-    """(classifier, its test accuracy) for data ``name``: read from the cache, or trained, tested and cached."""
+    """(classifier, its test accuracy) for data ``name`` whose training content ``fingerprint`` names (the caller's
+    hash, as the FID cache's): read from the cache, or trained on ``load()``'s (train, test) splits, tested and
+    cached; the data is loaded only when nothing is cached."""
     root = Path(cache_dir) if cache_dir is not None else user_cache_dir("classifier")
-    key = f"{name}-e{EPOCHS}-{fingerprint(*train)}"
+    key = f"{name}-e{EPOCHS}-{fingerprint[:16]}"
     weights, info = root / f"{key}.safetensors", root / f"{key}.json"
-    channels, num_classes = train[0].shape[1], int(train[1].max()) + 1
     if weights.exists() and info.exists():
-        model = small_cnn(channels, num_classes)
+        facts = json.loads(info.read_text())
+        model = small_cnn(facts["channels"], facts["num_classes"])
         model.load_state_dict(load_file(weights))
-        return model.eval(), json.loads(info.read_text())["test_accuracy"]
+        return model.eval(), facts["test_accuracy"]
+    train, test = load()
     model = train_classifier(*train)
     acc = accuracy(model, *test)
     root.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(weights)
-    write_atomic(info, json.dumps({"test_accuracy": acc, "train_images": len(train[0]), "test_images": len(test[0])}))
+    write_atomic(info, json.dumps({"test_accuracy": acc, "train_images": len(train[0]), "test_images": len(test[0]),
+                                   "channels": train[0].shape[1], "num_classes": int(train[1].max()) + 1}))
     return model, acc
 
 

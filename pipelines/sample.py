@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,16 +120,21 @@ def dataset_features(source: str, resolution: int, channels: int, num_images: in
 CLASSIFIED_SOURCES = ("mnist",)  # data whose classifier vqgen trains for class consistency
 
 
+def _as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of every example of ``dataset``, each read once."""
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images), torch.tensor(labels)
+
+
+@functools.lru_cache(maxsize=None)  # a guidance curve scores one pipeline at several scales: one judge per process
 def data_classifier(source: str, resolution: int, channels: int):
     """(classifier, test accuracy) of ``source`` at the pipeline's image format, trained once per machine on its
     whole training split and tested on its test split; None for data without one."""
     if source not in CLASSIFIED_SOURCES:
         return None
-    split = {}
-    for name in ("train", "test"):
-        ds = build_dataset(source, resolution, channels, name)
-        split[name] = (torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))]))
-    return cached_classifier(f"{source}-{resolution}px-{channels}ch", split["train"], split["test"])
+    train = build_dataset(source, resolution, channels, "train")
+    return cached_classifier(f"{source}-{resolution}px-{channels}ch", content_fingerprint(train),
+                             lambda: (_as_tensors(train), _as_tensors(build_dataset(source, resolution, channels, "test"))))
 
 
 def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 1000, batch_size: int = 32,
@@ -172,9 +178,8 @@ def gfid(pipeline_dir: str | Path, data: str | None = None, num_images: int = 10
             grid = torch.cat([grid[c::classes][:8] for c in range(classes)])
         save_image(grid, save_grid, nrow=8, padding=1)
     quality["gfid"], quality["gfid_ci"] = quality.pop("fid"), quality.pop("fid_ci")
-    if sidecar.get("classes"):
-        quality["guidance_scale"] = (sidecar.get("sampling", {}).get("guidance_scale", pipe.config.get("guidance_scale", 1.0))
-                                     if guidance_scale is None else guidance_scale)
+    if classes:  # both conditional pipelines hold their default scale in their config
+        quality["guidance_scale"] = pipe.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     if judge is not None:
         quality["class_consistency"], quality["classifier_accuracy"] = sum(hits) / num_images, judge[1]
     return {**quality, "num_images": num_images, "ref_images": ref_images or num_images, "data": source,

@@ -158,6 +158,17 @@ class PriorTrainer(TrainLoop):
         save_image(images, self.out / "samples.png", nrow=nrow, padding=1)
         return {"samples": self.out / "samples.png"}
 
+    def _conditional_classes(self, section: str, conditional: bool, label_dropout: float) -> int:
+        """The prior's number of classes (0: unconditional); a conditional prior needs labels, and guidance a null
+        class trained by label dropout."""
+        n = self.codes.num_classes if conditional else 0
+        if conditional and n == 0:
+            raise ValueError(f"{section}.class_conditional needs labelled data; this tokenizer's dataset has no labels")
+        if self.cfg.sample.guidance_scale != 1.0 and not (n and label_dropout > 0):
+            raise ValueError(f"sample.guidance_scale needs {section}.class_conditional with {section}.label_dropout > 0 "
+                             "(the null class is what guidance subtracts)")
+        return n
+
     def _run_json(self, step: int, seconds: float, **extra) -> None:
         run = {"kind": self.cfg.kind, "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
                "tokenizer_hash": self.codes.tokenizer_hash, "status": "finished" if step >= self.total_steps else "stopped",
@@ -175,14 +186,7 @@ class GPTTrainer(PriorTrainer):
         cfg, codes = self.cfg, self.codes
         self.grid = tuple(codes.indices.shape[1:])
         seq = codes_to_sequence(codes.indices)
-        self.num_classes = 0
-        if cfg.gpt.class_conditional:
-            self.num_classes = codes.num_classes
-            if self.num_classes == 0:
-                raise ValueError("gpt.class_conditional needs labelled data; this tokenizer's dataset has no labels")
-        if cfg.sample.guidance_scale != 1.0 and not (self.num_classes and cfg.gpt.label_dropout > 0):
-            raise ValueError("sample.guidance_scale needs gpt.class_conditional with gpt.label_dropout > 0 (the null "
-                             "class is what guidance subtracts)")
+        self.num_classes = self._conditional_classes("gpt", cfg.gpt.class_conditional, cfg.gpt.label_dropout)
         self.seq_len = seq.shape[1]
         self.top_k = min(cfg.sample.top_k or default_top_k(codes.num_codes), codes.num_codes)
         model = fit_attention(build_gpt(cfg.gpt, codes.num_codes, self.seq_len, self.num_classes), self.acc.device)
@@ -263,12 +267,8 @@ class LDMTrainer(PriorTrainer):
         _, channels, h, w = latents.shape
         if h != w:
             raise ValueError(f"the LDM needs square latent grids, got {h}x{w}")
-        self.num_classes = self.codes.num_classes if self.cfg.ldm.class_conditional else 0
-        if self.cfg.ldm.class_conditional and self.num_classes == 0:
-            raise ValueError("ldm.class_conditional needs labelled data; this tokenizer's dataset has no labels")
-        if self.cfg.sample.guidance_scale != 1.0 and not (self.num_classes and self.cfg.ldm.label_dropout > 0):
-            raise ValueError("sample.guidance_scale needs ldm.class_conditional with ldm.label_dropout > 0 (the null "
-                             "class is what guidance subtracts)")
+        ldm = self.cfg.ldm
+        self.num_classes = self._conditional_classes("ldm", ldm.class_conditional, ldm.label_dropout)
         unet = fit_attention(build_unet(self.cfg.ldm, channels, h, self.num_classes), self.acc.device)
         self.noise_scheduler = build_noise_scheduler(self.cfg.ldm)
         self.ema = EMAModel(unet.parameters(), decay=self.cfg.ldm.ema_decay, model_cls=type(unet),

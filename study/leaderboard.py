@@ -154,13 +154,20 @@ def curve_points(members: list[dict], kind: str) -> dict[float, list[dict]]:
     return dict(sorted(points.items()))
 
 
-def guidance_tables(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> list[str]:
-    """Markdown lines: per prior, each variant's gFID, KID, precision, recall and class consistency at every
-    guidance scale (mean ± std over seeds), its lowest-gFID scale marked."""
-    out = []
+def guidance_curves(groups: dict[str, list[dict]], priors: tuple[str, ...]) -> dict[str, dict]:
+    """{prior: {variant: its curve points by scale}} for the variants whose runs scored a guidance curve."""
+    out = {}
     for kind in priors:
         curves = {key: curve_points(members, kind) for key, members in groups.items()}
-        curves = {key: c for key, c in curves.items() if c}
+        out[kind] = {key: c for key, c in curves.items() if c}
+    return out
+
+
+def guidance_tables(curves_by_prior: dict[str, dict]) -> list[str]:
+    """Markdown lines: per prior (:func:`guidance_curves`), each variant's gFID, KID, precision, recall and class
+    consistency at every guidance scale (mean ± std over seeds), its lowest-gFID scale marked."""
+    out = []
+    for kind, curves in curves_by_prior.items():
         if not curves:
             continue
         out += [f"### Guidance: {kind.upper()} prior (class-conditional, classes sampled in turn)", "",

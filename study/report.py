@@ -17,7 +17,7 @@ import yaml
 
 from common.atomic import write_atomic
 
-from .leaderboard import curve_points, guidance_tables, leaderboard
+from .leaderboard import guidance_curves, guidance_tables, leaderboard
 
 CURVE_METRICS = ("gfid", "kid", "precision", "recall", "class_consistency")
 
@@ -254,10 +254,9 @@ def _plot_histograms(runs: list[dict], by_size: bool, path: Path) -> bool:
     return True
 
 
-def _plot_guidance(groups: dict[str, list[dict]], kind: str, path: Path) -> bool:
-    """gFID (left) and precision, recall and class consistency (right) against the guidance scale, per variant."""
-    curves = {key: curve_points(members, kind) for key, members in groups.items()}
-    curves = {key: c for key, c in curves.items() if c}
+def _plot_guidance(curves: dict[str, dict], kind: str, path: Path) -> bool:
+    """gFID (left) and precision, recall and class consistency (right) against the guidance scale, per variant
+    (``curves``: one prior's, from ``guidance_curves``)."""
     if not curves:
         return False
     import matplotlib
@@ -353,11 +352,13 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             plots.append(f"{metric}_per_quantizer.png")
     if _plot_histograms(runs, by_size, out / "code_frequencies.png"):
         plots.append("code_frequencies.png")
-    for kind in PRIORS:
-        if _plot_guidance(groups(runs, by_size), kind, out / f"guidance_{kind}.png"):
+    grouped = groups(runs, by_size)
+    curves = guidance_curves(grouped, PRIORS)
+    for kind, prior_curves in curves.items():
+        if _plot_guidance(prior_curves, kind, out / f"guidance_{kind}.png"):
             plots.append(f"guidance_{kind}.png")
     grids, samples = [], []
-    for key, members in groups(runs, by_size).items():  # one run per variant (and K): the first seed
+    for key, members in grouped.items():  # one run per variant (and K): the first seed
         r = _first(members)
         src = r["eval_grid"] or r["last_sample"]
         if src:
@@ -366,7 +367,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
             samples.append((f"{key} / {kind}", _shown(Path(src), out, f"{run_label(r['dir'])}-{kind}.png")))
     inputs = dict.fromkeys(r["data_fit"]["message"] for r in runs if r.get("data_fit"))  # each distinct once
     text = [f"# {title}", "", *(notes or []), *(f"Input: {line}" for line in inputs), *([""] if inputs else []),
-            *leaderboard(groups(runs, by_size), PRIORS), *guidance_tables(groups(runs, by_size), PRIORS),
+            *leaderboard(grouped, PRIORS), *guidance_tables(curves),
             f"{len(runs)} run(s). Mean ± std over runs of the same variant (seeds); grids show the first seed.", "",
             table(summary) if runs else "(no finished runs)", "", *plateau_lines(summary)]
     if failures:
@@ -380,10 +381,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         text += [f"**{q}**\n\n![{q}]({g})\n" for q, g in samples]
     write_atomic(out / "report.md", "\n".join(text) + "\n")
     results = nested(summary)
-    for key, members in groups(runs, by_size).items():  # each prior's guidance curve, mean ± std over seeds
-        for kind in PRIORS:
-            if points := curve_points(members, kind):
-                results[key].setdefault(kind, {})["guidance_curve"] = [_curve_entry(s, pts) for s, pts in points.items()]
+    for kind, prior_curves in curves.items():  # each prior's guidance curve, mean ± std over seeds
+        for key, points in prior_curves.items():
+            results[key].setdefault(kind, {})["guidance_curve"] = [_curve_entry(s, pts) for s, pts in points.items()]
     results.update({name: {"error": error} for name, error in failures.items()})
     if not_comparable:
         results["not_comparable"] = not_comparable

@@ -15,12 +15,14 @@ def _halves(n: int, seed: int):
 
 
 def test_class_consistency_on_a_constructed_case_and_the_cache(tmp_path):
-    model, acc = cached_classifier("halves", _halves(600, 0), _halves(200, 1), tmp_path)
+    model, acc = cached_classifier("halves", "seeds-0-1", lambda: (_halves(600, 0), _halves(200, 1)), tmp_path)
     assert acc > 0.95
     images, labels = _halves(100, 2)
     as_samples = (images + 1) / 2  # samples arrive in [0, 1]
     assert class_consistency(model, as_samples, labels) > 0.95
     assert class_consistency(model, as_samples, 1 - labels) < 0.05  # generated for the other class
-    again, acc2 = cached_classifier("halves", _halves(600, 0), _halves(200, 1), tmp_path)  # read, not retrained
+    def refuse():
+        raise AssertionError("a cached classifier loads no data")
+    again, acc2 = cached_classifier("halves", "seeds-0-1", refuse, tmp_path)  # read, not retrained
     assert acc2 == acc and len(list(tmp_path.glob("*.safetensors"))) == 1
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
