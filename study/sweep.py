@@ -254,13 +254,23 @@ class Sweep:
     def prior(self, run: Path, tok: Path, kind: str, seed: int) -> None:
         prior_dir = run / kind
         if not _finished(prior_dir):
-            preset, overrides = (self.cfg.gpt_preset, self.cfg.gpt) if kind == "gpt" else (self.cfg.ldm_preset, self.cfg.ldm)
+            preset, overrides = self._prior_preset(kind)
             cfg = load_prior_config(kind, preset)
             cfg = replace(cfg, tokenizer=str(tok), train=self._train_section(cfg.train, run, kind, seed))
             conditional = [f"{kind}.class_conditional=true"] if self.cfg.conditional else []
             cfg = _cap(with_overrides(cfg, conditional + list(overrides)), self.cfg.max_steps)  # the user's overrides win
             self._timed(run, kind, train_prior, cfg, prior_dir, resume=(prior_dir / "config.yaml").exists())
         self._main_only(self._publishable, run, tok, prior_dir, kind)
+
+    def _prior_preset(self, kind: str) -> tuple[str, list[str]]:
+        """The prior's preset and the sweep's overrides of it."""
+        return (self.cfg.gpt_preset, self.cfg.gpt) if kind == "gpt" else (self.cfg.ldm_preset, self.cfg.ldm)
+
+    def _resampled_scales(self, kind: str) -> list[float]:
+        """The curve's scales that sample again: all but the prior's own, whose point is its main score."""
+        preset, overrides = self._prior_preset(kind)
+        own = with_overrides(load_prior_config(kind, preset), list(overrides)).sample.guidance_scale
+        return [s for s in self.cfg.guidance_scales if s != own]
 
     def _publishable(self, run: Path, tok: Path, prior_dir: Path, kind: str) -> None:
         """Export the pipeline (atomically) and score its gFID; both skipped when already done."""
@@ -281,7 +291,9 @@ class Sweep:
                              fid_mode=self.cfg.fid_mode)
         result["grid"] = str(pipe_dir / "samples.png")
         if self.cfg.guidance_scales:
-            result["curve"] = [self._curve_point(run, kind, pipe_dir, s) for s in self.cfg.guidance_scales]
+            own = {k: result[k] for k in CURVE_KEYS if k in result}  # the main score is the curve at its own scale
+            result["curve"] = [own if s == result.get("guidance_scale") else self._curve_point(run, kind, pipe_dir, s)
+                               for s in self.cfg.guidance_scales]
         prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
         result.update({k: v for k, v in prior_run.items() if k.startswith(("val_", "train_", "best_val_"))})
         if (prior_dir / "validation.png").exists():
@@ -322,10 +334,10 @@ class Sweep:
         """One line: how many Inception images the evaluation of ``runs`` runs needs and about how long that takes
         at the rate measured now, so nobody waits on reference features unawares."""
         held_out, samples, refs = self.cfg.evaluation_counts()
-        priors = len(self.cfg.priors) * (1 + len(self.cfg.guidance_scales))  # each scale of the curve samples again
+        priors = sum(1 + len(self._resampled_scales(kind)) for kind in self.cfg.priors)  # each scale samples anew
         total = held_out + refs + runs * (held_out + priors * samples)
         rate = images_per_second()
-        line = (f"evaluation: {runs} run(s) x ({held_out} reconstructions + {priors} prior(s) x {samples} samples) + "
+        line = (f"evaluation: {runs} run(s) x ({held_out} reconstructions + {priors} x {samples} prior samples) + "
                 f"{held_out} held-out and {refs} reference images = {total:,} Inception images, about "
                 f"{total / rate / 60:.1f} min at {rate:.1f} images/s measured now (less where this machine's FID "
                 f"cache holds the references)")

@@ -100,6 +100,9 @@ def test_a_smoke_sweep_caps_its_evaluation_and_says_what_it_costs(tmp_path, monk
     # held-out 100 + references 100 once, then 2 runs x (100 reconstructions + 2 priors x 100 samples): 800 at 10/s
     assert "= 800 Inception images, about 1.3 min" in line and "not comparable" in line
     assert "not comparable" not in sweep_mod.Sweep(full, tmp_path).evaluation_cost(2)
+    # a guidance curve samples every scale but the priors' own (1), whose point is the main score: 3 sets per prior
+    curve = replace(smoke, conditional=True, guidance_scales=[0.0, 1.0, 2.0])
+    assert "= 1,600 Inception images" in sweep_mod.Sweep(curve, tmp_path).evaluation_cost(2)
 
 
 def test_archived_run_names_always_carry_quantizer_k_and_seed():
@@ -262,23 +265,27 @@ def test_a_sweep_stops_when_runs_fail_in_a_row_with_the_same_error(tmp_path, mon
 
 def test_a_conditional_sweep_scores_a_guidance_curve_and_reports_it(tmp_path):
     """``conditional: true`` trains both priors on the labels with label dropout; ``guidance_scales`` scores each
-    prior at every scale (class-balanced samples) into generation.json and the report's guidance tables."""
+    prior at every scale (class-balanced samples) into generation.json and the report's guidance tables; the
+    prior's own scale (1) is its main score, not sampled twice."""
     out = tmp_path / "cond"
-    run = subprocess.run(_sweep(out, "conditional=true", "guidance_scales=[0.0, 2.0]", quantizers="vq"),
+    run = subprocess.run(_sweep(out, "conditional=true", "guidance_scales=[0.0, 1.0]", quantizers="vq"),
                          capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     generation = json.loads((out / "vq" / "tokenizer" / "generation.json").read_text())
     for kind in ("gpt", "ldm"):
         assert json.loads((out / "vq" / kind / "run.json").read_text())["num_classes"] == 4
         curve = generation[kind]["curve"]
-        assert [p["guidance_scale"] for p in curve] == [0.0, 2.0] and all(p["gfid"] > 0 for p in curve)
+        assert [p["guidance_scale"] for p in curve] == [0.0, 1.0] and all(p["gfid"] > 0 for p in curve)
+        assert curve[1]["gfid"] == generation[kind]["gfid"] and curve[0]["gfid"] != curve[1]["gfid"]
+        timings = json.loads((out / "vq" / "timings.json").read_text())
+        assert f"gfid_{kind}_s0" in timings and f"gfid_{kind}_s1" not in timings
         sidecar = json.loads((out / "vq" / "pipelines" / kind / "vqgen.json").read_text())
         assert sidecar["classes"] == {str(i): f"group {i}" for i in range(4)}
     report = (out / "report.md").read_text()
     assert "### Guidance: GPT prior" in report and "### Guidance: LDM prior" in report
     assert (out / "guidance_gpt.png").exists() and "lowest gFID" in report
     curve = json.loads((out / "results.json").read_text())["vq"]["ldm"]["guidance_curve"]
-    assert [p["guidance_scale"] for p in curve] == [0.0, 2.0] and curve[1]["gfid"]["n"] == 1
+    assert [p["guidance_scale"] for p in curve] == [0.0, 1.0] and curve[1]["gfid"]["n"] == 1
     with pytest.raises(ValueError, match="guidance_scales need conditional"):
         from study.sweep import SweepConfig
         SweepConfig(guidance_scales=[2.0])
