@@ -134,6 +134,11 @@ def load_sweep_config(preset: str = "demo", overrides: list[str] | None = None) 
     return load_config(SweepConfig, preset, overrides, presets(__package__, "sweep"))
 
 
+def curve_fields(result: dict) -> dict:
+    """A gFID result's fields that make one point of a guidance curve."""
+    return {k: result[k] for k in CURVE_KEYS if k in result}
+
+
 def _finished(run_dir: Path) -> bool:
     path = run_dir / "run.json"
     return (read_json(path) or {}).get("status") == "finished"
@@ -291,7 +296,7 @@ class Sweep:
                              fid_mode=self.cfg.fid_mode)
         result["grid"] = str(pipe_dir / "samples.png")
         if self.cfg.guidance_scales:
-            own = {k: result[k] for k in CURVE_KEYS if k in result}  # the main score is the curve at its own scale
+            own = curve_fields(result)  # the main score is the curve at its own scale
             result["curve"] = [own if s == result.get("guidance_scale") else self._curve_point(run, kind, pipe_dir, s)
                                for s in self.cfg.guidance_scales]
         prior_run = json.loads((prior_dir / "run.json").read_text())  # its held-out metric, final and best
@@ -314,7 +319,7 @@ class Sweep:
         result = self._timed(run, f"gfid_{kind}_s{scale:g}", gfid, pipe_dir, self.cfg.data, num_images=samples,
                              batch_size=self.cfg.sample_batch_size, ref_images=refs, fid_mode=self.cfg.fid_mode,
                              guidance_scale=scale)
-        return {k: result[k] for k in CURVE_KEYS if k in result}
+        return curve_fields(result)
 
     def _say(self, line: str) -> None:
         """One line to the user on stderr, from the main process only."""
